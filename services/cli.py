@@ -1,0 +1,39 @@
+"""`latent-verbalizer` command line. Each command lives with the code it drives and registers its
+own arguments; this module only dispatches, importing a command's module (and torch) when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from shared.log import setup_logging
+from shared.settings import get_settings
+
+# command -> module defining `add_arguments(parser)` and `run(args) -> int`
+COMMANDS: dict[str, tuple[str, str]] = {
+    "verbalize": ("services.pipeline_cli", "caption every selected layer of images, dirs or .tar shards"),
+    "synth": ("services.demo.synth", "write synthetic scenes (PNG) with captions and attributes (manifest.jsonl)"),
+    "train-demo": ("services.demo.train", "train the offline demo CoCa on synthetic scenes"),
+    "demo": ("services.demo.cli", "offline main job: sample scenes -> every layer's caption -> report"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="latent-verbalizer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the chosen command's module is imported, so `--help` and light commands stay fast.
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_json)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Beam search over the cached decoder: K beams per caption, length-normalised scores.
+
+Rows are laid out caption-major: row b*K + j is beam j of caption b. Each step scores every beam's
+continuations (log-softmax after min-length and repetition penalty), keeps the 2K best per caption,
+files those that end (end token or pad id 0) as finished hypotheses (score / length**length_penalty)
+and continues with the K best that do not. A caption is done when it has K hypotheses and no running
+beam can still beat the worst of them; its rows then leave the batch. At the last slot every beam
+ends, as in greedy decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.decoder.model import TextDecoder
+from services.decoder.sampling import block_end_token, entropy_bits, repetition_penalty
+
+
+@torch.inference_mode()
+def search(decoder: TextDecoder, lm, image_tokens: torch.Tensor, params) -> tuple[list, list]:
+    B, K, S, device = image_tokens.shape[0], params.num_beams, params.seq_len, image_tokens.device
+    cross = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in decoder.cross_kv(image_tokens)]
+    caches = decoder.new_caches(B * K, S, device)
+    seqs = torch.full((B * K, S), lm.pad_id, dtype=torch.long, device=device)
+    seqs[:, 0] = lm.sot_id
+    ents = torch.zeros(B * K, S - 1, device=device)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    captions = list(range(B))  # caption index of each live caption, in batch order
+    finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(B)]
+    for pos in range(S - 1):
+        cur_len, b = pos + 1, len(captions)
+        logits = decoder.step(seqs[:, pos], pos, caches, cross)  # [b*K, V]
+        ents[:, pos] = entropy_bits(logits)
+        logp = torch.log_softmax(logits, dim=-1)
+        logp = block_end_token(logp, cur_len, params.min_seq_len, lm.eot_id)
+        logp = repetition_penalty(logp, seqs[:, :cur_len], params.repetition_penalty)
+        if cur_len + 1 == S:  # last slot: every beam must end
+            forced = torch.full_like(logp, float("-inf"))
+            forced[:, lm.eot_id] = logp[:, lm.eot_id]
+            logp = forced
+        V = logp.shape[-1]
+        total = (scores.view(-1, 1) + logp).view(b, K * V)
+        top_scores, top_ids = total.topk(2 * K, dim=-1)  # [b, 2K]
+        src_beam, token = top_ids // V, top_ids % V
+        next_rows, next_tokens, next_scores, done = [], [], [], []
+        for i, cap in enumerate(captions):
+            kept = 0
+            for rank, (s, j, t) in enumerate(zip(top_scores[i].tolist(), src_beam[i].tolist(), token[i].tolist())):
+                row = i * K + j
+                if s == float("-inf"):
+                    break
+                if t in (lm.eot_id, lm.pad_id):
+                    if rank < K:
+                        _add(finished[cap], K, s / cur_len ** params.length_penalty,
+                             seqs[row, 1:cur_len].tolist() + ([] if t == lm.eot_id else [t]),
+                             ents[row, : pos + 1].tolist())
+                    continue
+                if kept < K:
+                    next_rows.append(row)
+                    next_tokens.append(t)
+                    next_scores.append(s)
+                    kept += 1
+            while kept < K:  # fewer live continuations than beams: pad with dead beams
+                next_rows.append(i * K)
+                next_tokens.append(lm.pad_id)
+                next_scores.append(float("-inf"))
+                kept += 1
+            best_running = max(next_scores[-K:])
+            hyps = finished[cap]
+            done.append(
+                len(hyps) == K and best_running / (cur_len + 1) ** params.length_penalty <= hyps[-1][0]
+                or best_running == float("-inf")
+            )
+        if all(done) or cur_len + 1 == S:
+            break
+        rows = torch.tensor(next_rows, device=device)
+        seqs, ents = seqs[rows], ents[rows]
+        seqs[:, cur_len] = torch.tensor(next_tokens, device=device)
+        scores = torch.tensor(next_scores, device=device).view(b, K)
+        for cache in caches:
+            cache.keep(rows)
+        cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cross]
+        if any(done):  # drop the rows of finished captions
+            live = [i for i, d in enumerate(done) if not d]
+            keep = torch.tensor([i * K + j for i in live for j in range(K)], device=device)
+            seqs, ents, scores = seqs[keep], ents[keep], scores[live]
+            for cache in caches:
+                cache.keep(keep)
+            cross = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in cross]
+            captions = [captions[i] for i in live]
+    best = [max(h, key=lambda x: x[0]) for h in finished]
+    return [t for _, t, _ in best], [e for _, _, e in best]
+
+
+def _add(hyps: list, k: int, score: float, tokens: list[int], entropy: list[float]) -> None:
+    """Keep the k best finished hypotheses, sorted best first."""
+    hyps.append((score, tokens, entropy))
+    hyps.sort(key=lambda h: -h[0])
+    del hyps[k:]

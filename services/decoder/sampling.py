@@ -1,0 +1,79 @@
+"""Turning next-token logits into tokens, in the order open_clip's `generate` applies them:
+min-length (blocks the end token), repetition penalty, top-k / top-p, then temperature.
+
+Sampling is seeded per caption, not per batch: the noise for row r at step t comes from a counter-
+based hash of (seed, row key, t, token id), so a caption is the same whatever batch it is decoded
+in, on any device. Sampling uses the Gumbel-max trick: argmax(log p + g), g ~ Gumbel(0, 1), draws
+from softmax(log p) exactly as torch.multinomial would (with other random numbers)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (bits) of softmax(logits) per row. logits [B, V] float32 -> [B]."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1) / math.log(2)
+
+
+def block_end_token(scores: torch.Tensor, cur_len: int, min_seq_len: int, eot_id: int) -> torch.Tensor:
+    """Like transformers' MinLengthLogitsProcessor: no end token while fewer than min_seq_len
+    tokens (start token included) are present."""
+    if cur_len < min_seq_len:
+        scores[:, eot_id] = -math.inf
+    return scores
+
+
+def repetition_penalty(scores: torch.Tensor, prefix: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL penalty on every token already in the prefix [B, S] (start token included)."""
+    if penalty == 1.0:
+        return scores
+    seen = scores.gather(1, prefix)
+    return scores.scatter(1, prefix, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def top_k_top_p(scores: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keep the k best tokens (ties at the k-th kept), then the smallest set whose probability
+    reaches top_p (at least one token)."""
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reached top_p
+        drop[:, 0] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return scores
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors holding values < 2**32 (no overflow: the
+    multipliers are < 2**31)."""
+    for mult in (0x7FEB352D, 0x5BD1E995):
+        x = (x ^ (x >> 16)) * mult & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V], a pure function of (seed, row key, step, token id)."""
+    device = row_keys.device
+    base = _hash32(_hash32((row_keys & _MASK32) ^ (seed & _MASK32)) ^ step)  # [B]
+    ids = torch.arange(vocab, device=device, dtype=torch.int64)
+    bits = _hash32(_hash32(base[:, None] ^ ids[None, :]) ^ (base[:, None] >> 7))  # [B, V]
+    u = (bits.double() + 0.5) / 2**32  # uniform in (0, 1)
+    return -torch.log(-torch.log(u)).float()
+
+
+def choose(scores: torch.Tensor, params, row_keys: torch.Tensor, step: int) -> torch.Tensor:
+    """Pick the next token per row from processed scores [B, V] -> [B]."""
+    if params.strategy == "greedy":
+        return scores.argmax(-1)
+    scores = top_k_top_p(scores, params.top_k, params.top_p) / params.temperature
+    logp = torch.log_softmax(scores, dim=-1)
+    return (logp + gumbel_noise(params.seed, row_keys, step, scores.shape[-1])).argmax(-1)

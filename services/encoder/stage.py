@@ -1,0 +1,106 @@
+"""Encoder stage: images -> per-layer latent tokens for the text decoder.
+
+For a CoCa ViT the decoder normally sees   attn_pool(x_L) -> ln_post -> drop token 0,
+where x_L is the residual stream after the last block. Latent captioning applies the same path to
+the residual stream x_i after EVERY block i. Shapes, for N images of T = 1 + grid**2 tokens:
+
+    pixels [N, 3, H, W] -> blocks -> hidden [L, N, T, C]   (C = vision width, L = selected layers)
+    hidden -> pool -> latents [L, N, Q-1, D]              (Q = pooler queries, D = embed dim)
+
+Everything runs in ONE forward pass; the pooler runs as one batched call over layers x images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+
+from shared.images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, decode_image
+from shared.models import LoadedModel
+
+
+def load_pixels(
+    lm: LoadedModel, items: list[ImageItem], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[torch.Tensor | None, list[ImageItem], dict[str, str]]:
+    """Decode and preprocess (the model's own transform) every item that is a usable image.
+    -> pixels [n, 3, H, W] on the model's device and dtype (None if n == 0), the n good items,
+    and {item id: reason} for the others."""
+    good, tensors, errors = [], [], {}
+    for item in items:
+        try:
+            if item.error:
+                raise ImageError(item.error)
+            tensors.append(lm.preprocess(decode_image(item.data, max_pixels)))
+            good.append(item)
+        except ImageError as e:
+            errors[item.id] = str(e)
+    if not tensors:
+        return None, good, errors
+    return torch.stack(tensors).to(lm.device, lm.dtype), good, errors
+
+
+def check_layers(visual: VisionTransformer, layers: list[int] | None) -> list[int]:
+    """Validate block indices (negative ones count from the end); None means every block."""
+    n = len(visual.transformer.resblocks)
+    if layers is None:
+        return list(range(n))
+    out = []
+    for i in layers:
+        if not -n <= i < n:
+            raise ValueError(f"layer {i} does not exist: the vision tower has blocks 0..{n - 1}")
+        out.append(i % n)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers repeat: {layers}")
+    return out
+
+
+@torch.inference_mode()
+def capture_blocks(visual: VisionTransformer, pixels: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """One forward pass through the blocks up to the last selected one, keeping the residual
+    stream after each selected block. pixels [N, 3, H, W] -> hidden [L, N, T, C]."""
+    x = visual._embeds(pixels)  # [N, T, C]: patchify + cls + pos-embed + ln_pre
+    wanted = set(layers)
+    kept: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(visual.transformer.resblocks[: max(layers) + 1]):
+        x = block(x)
+        if i in wanted:
+            kept[i] = x
+    return torch.stack([kept[i] for i in layers])
+
+
+@torch.inference_mode()
+def pool_layers(visual: VisionTransformer, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own attentional pooler + ln_post applied to every layer at once.
+    hidden [L, N, T, C] -> latents [L, N, Q-1, D] (the first pooled token, the contrastive
+    embedding, is dropped as in `CoCa._encode_image`)."""
+    pool = visual.attn_pool
+    if pool is None or visual.attn_pool_contrastive is not None:
+        raise ValueError("vision tower has no CoCa attentional pooler (attn_pool) to read layers through")
+    L, N, T, C = hidden.shape
+    mha = pool.attn
+    D, H = mha.embed_dim, mha.num_heads
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+
+    # Queries are learned constants: project them once.                 q [1, H, Q, D/H]
+    q = F.linear(pool.ln_q(pool.query), w_q, b_q)
+    Q = q.shape[0]
+    q = q.view(1, Q, H, D // H).transpose(1, 2)
+    # Keys/values per layer and image: one GEMM each over L*N*T rows.   k, v [L*N, H, T, D/H]
+    x = pool.ln_k(hidden.reshape(L * N, T, C))
+    k = F.linear(x, w_k, b_k).view(L * N, T, H, D // H).transpose(1, 2)
+    v = F.linear(x, w_v, b_v).view(L * N, T, H, D // H).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.expand(L * N, -1, -1, -1), k, v)  # [L*N, H, Q, D/H]
+    out = mha.out_proj(out.transpose(1, 2).reshape(L * N, Q, D))  # [L*N, Q, D]
+    _, tokens = visual._global_pool(visual.ln_post(out))  # [L*N, Q-1, D]
+    return tokens.reshape(L, N, tokens.shape[1], D)
+
+
+@torch.inference_mode()
+def encode(visual: VisionTransformer, pixels: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """pixels [N, 3, H, W] -> latents [L, N, Q-1, D] for the selected layers."""
+    return pool_layers(visual, capture_blocks(visual, pixels, layers))

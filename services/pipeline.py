@@ -1,0 +1,62 @@
+"""The in-process pipeline: encoder stage -> decoder stage in one process, no Redis.
+The CLI's `verbalize` and the benchmarks drive it; the RQ workers call the same stage functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from services.decoder.stage import caption_layers
+from services.encoder.stage import capture_blocks, check_layers, load_pixels, pool_layers
+from shared.images import DEFAULT_MAX_PIXELS, ImageItem
+from shared.models import LoadedModel
+from shared.schemas import DecodeParams, ImageResult
+
+
+def _batches(items: Iterable[ImageItem], size: int) -> Iterator[list[ImageItem]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def verbalize(
+    lm: LoadedModel,
+    items: Iterable[ImageItem],
+    layers: list[int] | None = None,
+    params: DecodeParams = DecodeParams(),
+    batch_size: int = 32,
+    decode_batch: int = 256,
+    features_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[ImageResult]:
+    """Caption every selected layer of every item, `batch_size` images per vision forward.
+    Yields one result per item, in input order; an unusable image yields its error instead.
+    With `features_dir`, each image's raw per-block residual stream is saved there as
+    <id>.safetensors (tensors block_<i> [T, C], fp16)."""
+    layers = check_layers(lm.model.visual, layers)
+    for batch in _batches(items, batch_size):
+        pixels, good, errors = load_pixels(lm, batch, max_pixels)
+        captions = {}
+        if pixels is not None:
+            hidden = capture_blocks(lm.model.visual, pixels, layers)  # [L, n, T, C]
+            if features_dir is not None:
+                _save_features(features_dir, good, layers, hidden)
+            latents = pool_layers(lm.model.visual, hidden)  # [L, n, Q-1, D]
+            per_image = caption_layers(lm, latents, layers, [i.id for i in good], params, decode_batch)
+            captions = {item.id: caps for item, caps in zip(good, per_image)}
+        for item in batch:
+            if item.id in captions:
+                yield ImageResult(id=item.id, source=item.source, meta=item.meta, layers=captions[item.id])
+            else:
+                yield ImageResult(id=item.id, source=item.source, meta=item.meta, error=errors[item.id])
+
+
+def _save_features(out: Path, items: list[ImageItem], layers: list[int], hidden) -> None:
+    for j, item in enumerate(items):
+        path = out / f"{item.id}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({f"block_{layer}": hidden[i, j].half().contiguous() for i, layer in enumerate(layers)},
+                  str(path))

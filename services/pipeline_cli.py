@@ -1,0 +1,80 @@
+"""`latent-verbalizer verbalize PATH... --out DIR`: the embedded pipeline, one process, no Redis.
+
+Writes DIR/results.jsonl (one ImageResult per input image, in input order, streamed as it goes) and
+DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]})."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from services.cli_common import (
+    add_decode_args,
+    add_model_args,
+    decode_params_from_args,
+    model_from_args,
+    parse_layers,
+)
+from services.pipeline import verbalize
+from shared.images import DEFAULT_MAX_PIXELS, iter_items
+from shared.models import ModelError
+from shared.settings import get_settings
+
+log = logging.getLogger("verbalize")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    s = get_settings()
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories, webdataset .tar shards")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--layers", default=None, help="vision blocks to caption, e.g. 0,5,23 or 0-11 (default all)")
+    add_model_args(p)
+    add_decode_args(p)
+    g = p.add_argument_group("batching and memory")
+    g.add_argument("--batch-size", type=int, default=s.encode_batch, help="images per vision forward")
+    g.add_argument("--decode-batch", type=int, default=s.decode_batch,
+                   help="caption rows (images x layers) decoded together")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--save-features", action="store_true",
+                   help="also save each image's raw per-block outputs to DIR/features/<id>.safetensors")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        params = decode_params_from_args(args)
+        layers = parse_layers(args.layers)
+        items = iter_items(args.paths)
+        lm = model_from_args(args)
+    except (ModelError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    captions: dict[str, list[str]] = {}
+    n_ok = n_err = 0
+    t0 = time.perf_counter()
+    try:
+        results = verbalize(lm, items, layers, params, args.batch_size, args.decode_batch,
+                            args.out / "features" if args.save_features else None, args.max_pixels)
+        with open(args.out / "results.jsonl", "w") as f:
+            for r in tqdm(results, unit="img", desc="verbalize", disable=None):
+                f.write(r.model_dump_json(exclude_none=True) + "\n")
+                if r.error:
+                    n_err += 1
+                    log.warning("image failed", extra={"id": r.id, "source": r.source, "reason": r.error})
+                    continue
+                n_ok += 1
+                for c in r.layers:
+                    captions.setdefault(f"layer_{c.layer}", []).append(c.caption)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    (args.out / "captions.json").write_text(json.dumps(captions, indent=1))
+    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2),
+                            "out": str(args.out)})
+    return 0 if n_ok or not n_err else 1

@@ -1,0 +1,1 @@
+"""Code used by two or more services: settings, schemas, model loading, logging."""

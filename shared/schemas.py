@@ -1,0 +1,51 @@
+"""Data that crosses a boundary (CLI output files, HTTP, queue messages), as pydantic models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Strategy = Literal["greedy", "sample", "beam"]
+
+
+class DecodeParams(BaseModel):
+    """How captions are decoded. Lengths mean what they mean in open_clip's `CoCa.generate`:
+    `seq_len` and `min_seq_len` count the start token, so seq_len=30 gives at most 28 words + EOT."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Strategy = "greedy"
+    seq_len: int = Field(30, ge=2, le=77, description="max tokens per caption, start and end token included")
+    min_seq_len: int = Field(5, ge=1, description="the end token is blocked while fewer tokens are present")
+    temperature: float = Field(1.0, gt=0, description="sample: softmax temperature (after top-k/top-p)")
+    top_k: int | None = Field(None, ge=1, description="sample: keep the k most likely tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample: keep the smallest set reaching p")
+    repetition_penalty: float = Field(1.0, gt=0, description="CTRL-style penalty on tokens already present")
+    num_beams: int = Field(4, ge=1, le=32, description="beam: beams per caption")
+    length_penalty: float = Field(1.0, description="beam: score / length**length_penalty")
+    seed: int = Field(0, ge=0, description="sample: same seed + same image + layer = same caption")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DecodeParams:
+        if self.min_seq_len >= self.seq_len:
+            raise ValueError(f"min_seq_len ({self.min_seq_len}) must be smaller than seq_len ({self.seq_len})")
+        return self
+
+
+class LayerCaption(BaseModel):
+    layer: int
+    caption: str
+    tokens: list[int] = Field(description="generated token ids, start/end token excluded")
+    entropy: list[float] = Field(description="bits, full softmax at each generated step (end token included)")
+    mean_entropy: float
+
+
+class ImageResult(BaseModel):
+    """One line of results.jsonl: an image's caption per layer, or the reason it failed."""
+
+    id: str
+    source: str
+    meta: dict | None = Field(None, description="key.json / key.txt carried through from a shard")
+    layers: list[LayerCaption] | None = None
+    error: str | None = None
