@@ -1,10 +1,10 @@
 """Turning next-token logits into tokens, in the order open_clip's `generate` applies them:
 min-length (blocks the end token), repetition penalty, top-k / top-p, then temperature.
 
-Sampling is seeded per caption, not per batch: the noise for row r at step t comes from a counter-
-based hash of (seed, row key, t, token id), so a caption is the same whatever batch it is decoded
-in, on any device. Sampling uses the Gumbel-max trick: argmax(log p + g), g ~ Gumbel(0, 1), draws
-from softmax(log p) exactly as torch.multinomial would (with other random numbers)."""
+Sampling is seeded per caption, not per batch: the uniform number for row r at step t is a
+counter-based hash of (seed, row key, t), so a caption is the same whatever batch it is decoded in.
+The token is drawn by inverting the CDF of the filtered softmax with that number (one number per
+row and step, so sampling costs a cumulative sum, not a random draw per vocabulary entry)."""
 
 from __future__ import annotations
 
@@ -60,14 +60,10 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: int, row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, V], a pure function of (seed, row key, step, token id)."""
-    device = row_keys.device
-    base = _hash32(_hash32((row_keys & _MASK32) ^ (seed & _MASK32)) ^ step)  # [B]
-    ids = torch.arange(vocab, device=device, dtype=torch.int64)
-    bits = _hash32(_hash32(base[:, None] ^ ids[None, :]) ^ (base[:, None] >> 7))  # [B, V]
-    u = (bits.double() + 0.5) / 2**32  # uniform in (0, 1)
-    return -torch.log(-torch.log(u)).float()
+def uniforms(seed: int, row_keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One number in (0, 1) per row [B] (float64), a pure function of (seed, row key, step)."""
+    bits = _hash32(_hash32(_hash32(row_keys & _MASK32) ^ (seed & _MASK32)) ^ step)
+    return (bits.double() + 0.5) / 2**32
 
 
 def choose(scores: torch.Tensor, params, row_keys: torch.Tensor, step: int) -> torch.Tensor:
@@ -75,5 +71,6 @@ def choose(scores: torch.Tensor, params, row_keys: torch.Tensor, step: int) -> t
     if params.strategy == "greedy":
         return scores.argmax(-1)
     scores = top_k_top_p(scores, params.top_k, params.top_p) / params.temperature
-    logp = torch.log_softmax(scores, dim=-1)
-    return (logp + gumbel_noise(params.seed, row_keys, step, scores.shape[-1])).argmax(-1)
+    cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)  # [B, V]
+    u = uniforms(params.seed, row_keys, step).to(cdf.device)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_max(scores.shape[-1] - 1)[:, 0]
