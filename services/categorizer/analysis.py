@@ -1,0 +1,88 @@
+"""Which kinds of visual information each encoder layer holds: per layer, the reference's "mean
+percentage of class". For each caption, the share of its phrases whose main label folds into each
+merged class; averaged over the layer's captions. Captions that failed or have no phrases are left
+out of the average (and counted)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from pydantic import BaseModel, Field
+
+from services.categorizer.models import CaptionLabels
+from shared.taxonomy import Taxonomy, load_taxonomy
+
+
+class LayerCounts(BaseModel):
+    captions: int
+    counted: int = Field(description="captions in the average: labelled, with at least one phrase")
+    failed: int
+    phrases: int
+
+
+class Analysis(BaseModel):
+    taxonomy_version: str
+    layers: list[int]
+    classes: list[str]
+    percent: list[list[float]] = Field(description="[layer][class]: mean percentage of class")
+    plotted: list[str] = Field(description="classes reaching the plot threshold in some layer, in plot order")
+    counts: list[LayerCounts]
+    mean_entropy: list[float] | None = Field(
+        None, description="bits, mean over the layer's captions (finite values); NaN when it has none"
+    )
+
+    def row(self, layer: int) -> dict[str, float]:
+        return dict(zip(self.classes, self.percent[self.layers.index(layer)], strict=True))
+
+
+def class_percentages(captions: Sequence[CaptionLabels], taxonomy: Taxonomy) -> tuple[list[float], LayerCounts]:
+    classes = taxonomy.classes
+    index = {cls: i for i, cls in enumerate(classes)}
+    total = [0.0] * len(classes)
+    counted = failed = phrases = 0
+    for caption in captions:
+        failed += caption.error is not None
+        phrases += len(caption.phrases)
+        if caption.error is not None or not caption.phrases:
+            continue
+        counted += 1
+        share = 100.0 / len(caption.phrases)
+        for phrase in caption.phrases:
+            total[index[taxonomy.merge(phrase.main)]] += share
+    percent = [t / counted if counted else 0.0 for t in total]
+    return percent, LayerCounts(captions=len(captions), counted=counted, failed=failed, phrases=phrases)
+
+
+def analyze(
+    labels: Mapping[int, Sequence[CaptionLabels]],
+    entropies: Mapping[int, Sequence[float]] | None = None,
+    taxonomy: Taxonomy | None = None,
+) -> Analysis:
+    """The per-layer class distribution of labelled captions (layer -> captions), with the mean
+    caption entropy per layer when entropies (layer -> one value per caption) are given."""
+    taxonomy = taxonomy or load_taxonomy()
+    layers = sorted(labels)
+    rows, counts = zip(*(class_percentages(labels[layer], taxonomy) for layer in layers), strict=True)
+    return Analysis(
+        taxonomy_version=taxonomy.version,
+        layers=layers,
+        classes=taxonomy.classes,
+        percent=[list(r) for r in rows],
+        plotted=_plotted(taxonomy, rows),
+        counts=list(counts),
+        mean_entropy=[_mean(entropies.get(layer, [])) for layer in layers] if entropies else None,
+    )
+
+
+def _plotted(taxonomy: Taxonomy, rows: Sequence[Sequence[float]]) -> list[str]:
+    peak = {cls: max(r[i] for r in rows) for i, cls in enumerate(taxonomy.classes)}
+    shown = [cls for cls in taxonomy.classes if peak[cls] >= taxonomy.plot_threshold_percent]
+    order = list(taxonomy.plot_names)  # the reference figure's order, then the rest by peak
+    return sorted(shown, key=lambda c: (order.index(c), 0.0) if c in order else (len(order), -peak[c]))
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean of the finite values; NaN when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan

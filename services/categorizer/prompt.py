@@ -1,0 +1,123 @@
+"""What the `openai` backend asks the LLM, and the JSON schema its answer must follow.
+
+The schema's label fields are an enum of the taxonomy, so a server with structured output (vLLM's
+`response_format` json_schema) can only produce answers that parse and stay on the list. Bump
+PROMPT_VERSION whenever the prompt, the examples or the schema change: it is part of the cache key."""
+
+from __future__ import annotations
+
+import json
+
+from services.categorizer.models import MAX_LABELS
+from shared.taxonomy import UNKNOWN, Taxonomy
+
+PROMPT_VERSION = "1"
+
+_INSTRUCTIONS = """You label the phrases of image captions with kinds of visual information.
+Captions come from a captioning model reading intermediate layers of a vision network, so many are
+word salad: repeated words, fragments and made-up words.
+
+Split the caption into its phrases, in order, covering all of its words: a noun phrase with its
+determiner and preposition ("at a table", "a dirt path"), a verb ("riding", "is standing"), a
+spatial expression ("next to", "in front of"), or a single word where the words do not form
+phrases. Keep repeated words and phrases: every occurrence is its own phrase. Leave out punctuation.
+
+Give each phrase one to three labels from this list, the most fitting first:
+{labels}
+
+Use {unknown} for made-up words, fragments and words that carry no visual information
+("and", "the", "gygyflying"). Use only labels from the list.
+Answer with JSON only: {{"phrases": [{{"text": <phrase>, "labels": [<label>, ...]}}, ...]}}."""
+
+_EXAMPLES = [
+    (
+        "a woman holding an umbrella next to a red bus .",
+        [
+            ("a woman", ["person", "female"]),
+            ("holding", ["actions"]),
+            ("an umbrella", ["object"]),
+            ("next to", ["position"]),
+            ("a red bus", ["color", "vehicle"]),
+        ],
+    ),
+    (
+        "blue blue green - kabrodolling blue and",
+        [
+            ("blue", ["color"]),
+            ("blue", ["color"]),
+            ("green", ["color"]),
+            ("kabrodolling", [UNKNOWN]),
+            ("blue", ["color"]),
+            ("and", [UNKNOWN]),
+        ],
+    ),
+    (
+        "two small dogs playing in the snow at night",
+        [
+            ("two small dogs", ["animal", "numbers", "size"]),
+            ("playing", ["actions"]),
+            ("in the snow", ["weather", "nature"]),
+            ("at night", ["time"]),
+        ],
+    ),
+]
+
+
+def system_prompt(taxonomy: Taxonomy) -> str:
+    return _INSTRUCTIONS.format(labels=", ".join(taxonomy.labels), unknown=UNKNOWN)
+
+
+def caption_messages(caption: str, taxonomy: Taxonomy) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt(taxonomy)}]
+    for example, phrases in _EXAMPLES:
+        answer = {"phrases": [{"text": text, "labels": labels} for text, labels in phrases]}
+        messages += [
+            {"role": "user", "content": f"Caption: {example}"},
+            {"role": "assistant", "content": json.dumps(answer)},
+        ]
+    return [*messages, {"role": "user", "content": f"Caption: {caption}"}]
+
+
+def phrase_messages(phrase: str, taxonomy: Taxonomy) -> list[dict[str, str]]:
+    """One phrase, labelled as a whole (no splitting)."""
+    instructions = system_prompt(taxonomy) + "\n\nThis time the phrase is given: label it as a whole."
+    instructions += ' Answer with JSON only: {"labels": [<label>, ...]}.'
+    return [{"role": "system", "content": instructions}, {"role": "user", "content": f"Phrase: {phrase}"}]
+
+
+def _labels_schema(taxonomy: Taxonomy) -> dict:
+    return {
+        "type": "array",
+        "items": {"type": "string", "enum": taxonomy.labels},
+        "minItems": 1,
+        "maxItems": MAX_LABELS,
+    }
+
+
+def caption_schema(taxonomy: Taxonomy) -> dict:
+    phrase = {
+        "type": "object",
+        "properties": {"text": {"type": "string"}, "labels": _labels_schema(taxonomy)},
+        "required": ["text", "labels"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {"phrases": {"type": "array", "items": phrase}},
+        "required": ["phrases"],
+        "additionalProperties": False,
+    }
+
+
+def phrase_schema(taxonomy: Taxonomy) -> dict:
+    return {
+        "type": "object",
+        "properties": {"labels": _labels_schema(taxonomy)},
+        "required": ["labels"],
+        "additionalProperties": False,
+    }
+
+
+def response_format(name: str, schema: dict) -> dict:
+    """OpenAI structured output; vLLM turns it into guided decoding."""
+    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}

@@ -1,0 +1,94 @@
+"""An Analysis as files: distribution.csv (rows: layers, columns: merged classes), figure.png (stacked
+area of the plotted classes over layers), entropy.png (when entropies were given) and summary.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from services.categorizer.analysis import Analysis  # noqa: E402
+from shared.taxonomy import Taxonomy, load_taxonomy  # noqa: E402
+
+
+def write_report(analysis: Analysis, out_dir: Path, extra: dict | None = None) -> list[Path]:
+    """Write the report files into out_dir; `extra` is merged into summary.json. Returns the paths."""
+    taxonomy = load_taxonomy()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [
+        _write_csv(analysis, out_dir / "distribution.csv"),
+        _plot_classes(analysis, taxonomy, out_dir / "figure.png"),
+    ]
+    if analysis.mean_entropy is not None:
+        paths.append(_plot_entropy(analysis, out_dir / "entropy.png"))
+    summary = out_dir / "summary.json"
+    summary.write_text(json.dumps({**_summary(analysis, taxonomy), **(extra or {})}, indent=1, allow_nan=False))
+    return [*paths, summary]
+
+
+def _write_csv(analysis: Analysis, path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", *analysis.classes])
+        for layer, row in zip(analysis.layers, analysis.percent, strict=True):
+            writer.writerow([layer, *(f"{v:.6f}" for v in row)])
+    return path
+
+
+def _plot_classes(analysis: Analysis, taxonomy: Taxonomy, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
+    columns = [analysis.classes.index(c) for c in analysis.plotted]
+    ax.stackplot(
+        analysis.layers,
+        [[row[i] for row in analysis.percent] for i in columns],
+        labels=[taxonomy.plot_name(c) for c in analysis.plotted],
+        colors=[taxonomy.color(c) for c in analysis.plotted],
+    )
+    ax.set(xlabel="encoder layer", ylabel="mean percentage of class", ylim=(0, 100))
+    ax.set_xlim(analysis.layers[0], analysis.layers[-1])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("What each layer's caption talks about")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, reverse=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_entropy(analysis: Analysis, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(analysis.layers, analysis.mean_entropy, marker="o")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="encoder layer", ylabel="mean token entropy (bits)", title="Decoder uncertainty per layer")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _summary(analysis: Analysis, taxonomy: Taxonomy) -> dict:
+    layers = []
+    for i, layer in enumerate(analysis.layers):
+        row = analysis.row(layer)
+        entry = {"layer": layer, **analysis.counts[i].model_dump(), "top_classes": _top(row, 3)}
+        if analysis.mean_entropy is not None and not math.isnan(analysis.mean_entropy[i]):
+            entry["mean_entropy"] = analysis.mean_entropy[i]
+        layers.append(entry)
+    return {
+        "taxonomy_version": analysis.taxonomy_version,
+        "plotted": {c: taxonomy.plot_name(c) for c in analysis.plotted},
+        "layers": layers,
+    }
+
+
+def _top(row: dict[str, float], n: int) -> dict[str, float]:
+    return {c: round(v, 3) for c, v in sorted(row.items(), key=lambda kv: -kv[1])[:n]}

@@ -1,0 +1,52 @@
+"""Stage 3: captions -> labelled phrases. `categorize` is what the RQ worker and the CLI call;
+`make_labeler` builds a backend once per process from the settings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+from services.categorizer.models import CaptionLabels
+from shared.settings import Settings, get_settings
+
+Backend = Literal["embedded", "openai"]
+
+
+class Labeler(Protocol):
+    """A labelling backend. Both methods take distinct inputs and keep their order."""
+
+    def label_captions(self, captions: Sequence[str]) -> list[CaptionLabels]:
+        """Split each caption into phrases and label every phrase."""
+        ...
+
+    def label_phrases(self, phrases: Sequence[str]) -> list[list[str]]:
+        """Label each phrase as a whole: its labels, main label first."""
+        ...
+
+
+def categorize(captions: Sequence[str], labeler: Labeler) -> list[CaptionLabels]:
+    """Label captions; identical captions are labelled once and share the result."""
+    unique = list(dict.fromkeys(captions))
+    by_caption = dict(zip(unique, labeler.label_captions(unique), strict=True))
+    return [by_caption[c] for c in captions]
+
+
+def categorize_phrases(phrases: Sequence[str], labeler: Labeler) -> list[list[str]]:
+    """Label phrases as given (no splitting); identical phrases are labelled once."""
+    unique = list(dict.fromkeys(phrases))
+    by_phrase = dict(zip(unique, labeler.label_phrases(unique), strict=True))
+    return [by_phrase[p] for p in phrases]
+
+
+def make_labeler(backend: Backend, settings: Settings | None = None) -> Labeler:
+    """The backend's labeler, configured from settings (LV_* environment variables)."""
+    settings = settings or get_settings()
+    if backend == "embedded":
+        from services.categorizer.embedded.labeler import EmbeddedLabeler
+
+        return EmbeddedLabeler(settings.categorizer_cache_dir)
+    if backend == "openai":
+        from services.categorizer.openai_backend import OpenAILabeler
+
+        return OpenAILabeler.from_settings(settings)
+    raise ValueError(f"unknown categorizer backend {backend!r} (embedded | openai)")

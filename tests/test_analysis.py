@@ -1,0 +1,161 @@
+"""The per-layer analysis on hand-made labels with known numbers, the reference-answer parser, the
+report files, the taxonomy, and the categorize / analyze commands end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from services.categorizer.analysis import analyze
+from services.categorizer.models import CaptionLabels, Phrase
+from services.categorizer.reference import parse_answer, read_reference_labels
+from services.categorizer.report import write_report
+from services.cli import main
+from shared.schemas import ImageResult, LayerCaption
+from shared.taxonomy import UNKNOWN, load_taxonomy
+
+
+def caption(*mains: str, error: str | None = None) -> CaptionLabels:
+    return CaptionLabels(caption="c", phrases=[Phrase(text=m, labels=[m]) for m in mains], error=error)
+
+
+LABELS = {
+    0: [
+        caption("color", "color", "UNKNOWN", "object"),  # color 50, UNKNOWN 25, objects 25
+        caption("male", "actions"),  # person 50, action 50
+        caption(error="HTTP 500"),  # failed: left out
+        caption(),  # no phrases: left out
+    ],
+    3: [caption("gold", "relation")],  # off-list -> UNKNOWN 50; relation -> position 50
+}
+
+
+def test_mean_percentage_of_class_per_layer():
+    result = analyze(LABELS)
+    assert result.layers == [0, 3]
+    row = result.row(0)
+    assert row["color"] == pytest.approx(25.0)
+    assert row["UNKNOWN"] == pytest.approx(12.5)
+    assert row["objects"] == pytest.approx(12.5)
+    assert row["person"] == pytest.approx(25.0)
+    assert row["action"] == pytest.approx(25.0)
+    assert sum(row.values()) == pytest.approx(100.0)
+    assert result.row(3)["UNKNOWN"] == pytest.approx(50.0) and result.row(3)["position"] == pytest.approx(50.0)
+    assert result.counts[0].model_dump() == {"captions": 4, "counted": 2, "failed": 1, "phrases": 6}
+    # the classes reaching 5% in some layer, in the reference figure's order
+    assert result.plotted == ["color", "UNKNOWN", "objects", "action", "person", "position"]
+    assert result.mean_entropy is None
+    assert analyze(LABELS, entropies={0: [1.0, 3.0], 3: [5.0]}).mean_entropy == [2.0, 5.0]
+    odd = analyze(LABELS, entropies={0: [1.0, float("inf")], 3: []}).mean_entropy
+    assert odd[0] == 1.0 and math.isnan(odd[1])  # non-finite values and empty layers do not poison the mean
+
+
+def test_report_files(tmp_path):
+    paths = write_report(analyze(LABELS, entropies={0: [2.0], 3: [4.0]}), tmp_path, {"source": "test"})
+    assert sorted(p.name for p in paths) == ["distribution.csv", "entropy.png", "figure.png", "summary.json"]
+    rows = list(csv.reader((tmp_path / "distribution.csv").open()))
+    assert rows[0] == ["layer", *load_taxonomy().classes]
+    assert [r[0] for r in rows[1:]] == ["0", "3"]
+    assert float(rows[1][rows[0].index("color")]) == pytest.approx(25.0)
+    for png in ("figure.png", "entropy.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["source"] == "test" and summary["layers"][0]["counted"] == 2
+    assert summary["layers"][1]["mean_entropy"] == 4.0
+    assert summary["plotted"]["objects"] == "Inanimate Object"
+
+
+def test_reference_parser_keeps_duplicates_and_tolerates_odd_values():
+    phrases = parse_answer('{"red": ["color","",""], "red": ["color"], "x": "UNKNOWN", "y": [{"a": 1}], "z": []}')
+    assert [(p.text, p.labels) for p in phrases] == [
+        ("red", ["color"]),
+        ("red", ["color"]),
+        ("x", ["UNKNOWN"]),
+        ("y", [""]),  # a main label that is not a string folds into UNKNOWN
+        ("z", [""]),
+    ]
+    assert parse_answer('{"red": ["color","",""], "blue": ["col') is None  # cut off
+    assert parse_answer('["red"]') is None  # not an object
+    assert parse_answer("{}") == []
+
+
+def reference_folder(tmp_path):
+    folder = tmp_path / "answers"
+    folder.mkdir()
+    answers = ['{"a man": ["person", "male", ""], "riding": ["action", "", ""]}', '{"red": ["color"', "{}"]
+    (folder / "layer_4.json").write_text(json.dumps(answers))
+    (folder / "layer_0.json").write_text(json.dumps(['{"blue": ["color","",""], "blue": ["color","",""]}']))
+    (folder / "notes.txt").write_text("not a layer")
+    return folder
+
+
+def test_read_reference_labels_counts_unparsable_answers(tmp_path):
+    labels, unparsed = read_reference_labels(reference_folder(tmp_path))
+    assert list(labels) == [0, 4] and unparsed == 1
+    assert labels[4][1].error and not labels[4][1].phrases
+    result = analyze(labels)
+    assert result.row(4)["person"] == pytest.approx(50.0) and result.row(0)["color"] == pytest.approx(100.0)
+    assert result.counts[1].model_dump() == {"captions": 3, "counted": 1, "failed": 1, "phrases": 2}
+
+
+def test_analyze_command_reference_format(tmp_path):
+    out = tmp_path / "report"
+    assert main(["analyze", "--reference-format", str(reference_folder(tmp_path)), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unparsed_answers"] == 1
+    assert [entry["layer"] for entry in summary["layers"]] == [0, 4]
+    assert (out / "figure.png").exists() and not (out / "entropy.png").exists()
+
+
+def test_categorize_then_analyze_commands(tmp_path):
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"layer_0": ["red red gygy", "red red gygy"], "layer_1": ["a man riding a horse"]}))
+    labels = tmp_path / "labels.json"
+    assert main(["categorize", str(captions), "--backend", "embedded", "--out", str(labels)]) == 0
+    doc = json.loads(labels.read_text())
+    assert list(doc) == ["layer_0", "layer_1"] and len(doc["layer_0"]) == 2
+    assert [p["text"] for p in doc["layer_1"][0]["phrases"]] == ["a man", "riding", "a horse"]
+    assert doc["layer_1"][0]["phrases"][0]["labels"][0] == "person"
+    out = tmp_path / "report"
+    assert main(["analyze", str(labels), "--out", str(out)]) == 0
+    rows = {r["layer"]: r for r in csv.DictReader((out / "distribution.csv").open())}
+    assert float(rows["0"]["color"]) == pytest.approx(200 / 3) and float(rows["0"][UNKNOWN]) == pytest.approx(100 / 3)
+
+
+def test_categorize_reads_results_jsonl_and_carries_entropy(tmp_path):
+    def result(i: int, entropy: float) -> str:
+        layers = [
+            LayerCaption(layer=layer, caption="a red dog", tokens=[], entropy=[], mean_entropy=entropy + layer)
+            for layer in (0, 1)
+        ]
+        return ImageResult(id=str(i), source="x", layers=layers).model_dump_json()
+
+    failed = ImageResult(id="9", source="y", error="unreadable").model_dump_json()
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join([result(0, 1.0), failed, result(1, 3.0)]) + "\n")
+    labels, out = tmp_path / "labels.json", tmp_path / "report"
+    assert main(["categorize", str(results), "--backend", "embedded", "--out", str(labels)]) == 0
+    assert [e["mean_entropy"] for e in json.loads(labels.read_text())["layer_1"]] == [2.0, 4.0]
+    assert main(["analyze", str(labels), "--out", str(out)]) == 0
+    assert [entry["mean_entropy"] for entry in json.loads((out / "summary.json").read_text())["layers"]] == [2.0, 3.0]
+    assert (out / "entropy.png").exists()
+
+
+def test_categorize_phrases_command(tmp_path):
+    phrases, out = tmp_path / "phrases.json", tmp_path / "out.json"
+    phrases.write_text(json.dumps(["a dog", "next to", "zzqxv", "a dog"]))
+    assert main(["categorize", "--phrases", str(phrases), "--backend", "embedded", "--out", str(out)]) == 0
+    assert [labels[0] for labels in json.loads(out.read_text())] == ["animal", "position", UNKNOWN, "animal"]
+
+
+def test_taxonomy_folds_labels_and_colours_every_class():
+    taxonomy = load_taxonomy()
+    assert taxonomy.merge("male") == "person" and taxonomy.merge(" Color ") == "color"
+    assert taxonomy.merge("") == UNKNOWN and taxonomy.merge("no such label") == UNKNOWN
+    assert all(taxonomy.merge(label) in taxonomy.classes for label in taxonomy.labels)
+    colours = [taxonomy.color(c) for c in taxonomy.classes]
+    assert len(set(colours)) == len(colours) and all(c.startswith("#") and len(c) == 7 for c in colours)
+    assert taxonomy.plot_name("objects") == "Inanimate Object" and taxonomy.plot_name("money") == "money"
