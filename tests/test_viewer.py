@@ -1,0 +1,338 @@
+"""The web viewer (services/gateway/static/) in a real browser: Playwright driving Debian's Chromium,
+headless, against the whole `latent-verbalizer serve` stack on coca_tiny with API keys on. The page is
+used as a person would: the key prompt, the file input, the options form, the job view, the results."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from service_stack import API_KEY, TINY, free_port, image_bytes, redis_server, service, service_env, wait_for_workers
+
+from shared.taxonomy import load_taxonomy
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+README_SHOT = Path(__file__).resolve().parents[1] / "docs" / "viewer.png"
+LAYERS = [0, 1, 2, 3]  # coca_tiny's vision blocks
+JOB_TIMEOUT_MS = 120_000
+SEEDED_KEY = f"sessionStorage.setItem('lv.apiKey', {json.dumps(API_KEY)})"
+
+IMAGE_LOADED = "s => { const i = document.querySelector(s); return Boolean(i && i.complete && i.naturalWidth > 0) }"
+RUN: dict[str, str] = {}  # what one test leaves for the next: the id of the job it ran
+
+
+def scene_png(size=(160, 120)) -> bytes:
+    """A small landscape (sky, sun, hills) rather than noise, so the screenshot shows a real thumbnail."""
+    w, h = size
+    img = Image.new("RGB", size)
+    draw = ImageDraw.Draw(img)
+    for y in range(h):
+        t = y / h
+        draw.line([(0, y), (w, y)], fill=(int(90 + 120 * t), int(150 + 80 * t), 235))
+    draw.ellipse([w * 0.68, h * 0.12, w * 0.86, h * 0.36], fill=(255, 214, 90))
+    draw.polygon([(0, h), (0, h * 0.62), (w * 0.35, h * 0.45), (w * 0.7, h * 0.66), (w, h * 0.55), (w, h)],
+                 fill=(70, 140, 70))
+    draw.rectangle([w * 0.2, h * 0.62, w * 0.32, h * 0.8], fill=(150, 60, 50))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("viewer")
+    with redis_server(tmp) as url:
+        port = free_port()
+        with service(["serve", "--port", str(port), *TINY], service_env(url, tmp), tmp / "serve.log", port) as api:
+            wait_for_workers(url)
+            yield f"http://127.0.0.1:{port}", api
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is not installed: run `make system-deps` (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def new_page(browser: Browser, base_url: str, with_key: bool = True) -> tuple[Page, list[str]]:
+    """A fresh browser context (own localStorage/sessionStorage) at laptop size; JS errors are collected."""
+    context = browser.new_context(viewport={"width": 1440, "height": 900}, base_url=base_url)
+    if with_key:
+        context.add_init_script(SEEDED_KEY)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    # Refused requests (the 401 before the key, the 415 of a bad upload) are logged by Chromium as
+    # "Failed to load resource"; those are expected. Anything else logged as an error is a bug.
+    page.on("console", lambda m: errors.append(f"console: {m.text}")
+            if m.type == "error" and "Failed to load resource" not in m.text else None)
+    return page, errors
+
+
+@pytest.fixture()
+def page(browser, stack):
+    page, errors = new_page(browser, stack[0])
+    yield page
+    page.context.close()
+    assert not errors, errors
+
+
+def submit_files(page: Page, files: list[dict]) -> str:
+    """Pick files through the file input, submit, wait for the job view; -> the job id."""
+    page.set_input_files("#files", files=files)
+    page.click("#submit-button")
+    page.wait_for_url("**/#job/*")
+    job_id = page.evaluate("location.hash").removeprefix("#job/")
+    assert len(job_id) == 32
+    return job_id
+
+
+def wait_succeeded(page: Page) -> None:
+    status = page.locator("#job-status")
+    expect(status).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
+
+
+def test_asks_for_the_api_key_then_fills_in_the_server_defaults(browser, stack):
+    page, errors = new_page(browser, stack[0], with_key=False)
+    page.goto("/")
+    dialog = page.locator("#key-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#api-key")).to_be_focused()
+    page.fill("#api-key", "not-the-key")
+    page.keyboard.press("Enter")
+    expect(page.locator("#key-error")).to_contain_text("invalid API key")
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    expect(dialog).to_be_hidden()
+    page.keyboard.press("Tab")  # keyboard users meet the skip link first
+    expect(page.locator(".skip-link")).to_be_focused()
+    expect(page.locator("#model-info")).to_contain_text("coca_tiny")
+    expect(page.locator("#model-info")).to_contain_text("4 layers")
+    assert page.evaluate("sessionStorage.getItem('lv.apiKey')") == API_KEY
+    # The options panel holds the server's defaults (GET /v1/options) and the model's bounds.
+    page.click("#options-panel > summary")
+    expect(page.locator("#opt-seq_len")).to_have_value("30")
+    expect(page.locator("#opt-min_seq_len")).to_have_value("5")
+    expect(page.locator("#opt-strategy")).to_have_value("greedy")
+    expect(page.locator("#opt-categorize")).to_be_checked()
+    expect(page.locator("#opt-backend")).to_have_value("embedded")
+    assert page.get_attribute("#opt-seq_len", "max") == "32"
+    assert "0–3" in page.get_attribute("#opt-layers", "placeholder")
+    page.fill("#opt-layers", "0-2, 9")
+    page.locator("#opt-layers").blur()
+    expect(page.locator("#error-layers")).to_contain_text("No layer 9")
+    # Every form control has a label (screen readers, click targets).
+    unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
+        .filter(el => !el.labels.length && !el.getAttribute('aria-label')).map(el => el.id || el.name)""")
+    assert unlabelled == []
+    page.context.close()
+    assert not errors, errors
+
+
+def test_uploaded_image_gets_a_layer_ladder_with_chips_and_figures(page, stack, tmp_path):
+    page.goto("/")
+    expect(page.locator("#model-info")).to_contain_text("coca_tiny")
+    job_id = submit_files(page, [{"name": "meadow.png", "mimeType": "image/png", "buffer": scene_png()}])
+    expect(page.locator("#job-heading")).to_be_focused()
+    wait_succeeded(page)
+    RUN["job"] = job_id
+
+    cards = page.locator(".image-card")
+    expect(cards).to_have_count(1)
+    card = cards.first
+    expect(card.locator("h3")).to_have_text("meadow")
+    rows = card.locator(".ladder-row")
+    expect(rows).to_have_count(len(LAYERS))
+    assert [int(r.get_attribute("data-layer")) for r in rows.all()] == LAYERS
+    for row in rows.all():
+        assert row.locator(".caption").inner_text().strip(), "a ladder row without a caption"
+        assert row.locator(".chip").count() > 0, "a ladder row without category chips"
+        assert row.locator(".entropy-value").inner_text().endswith("bits")
+    # Each chip is named by its phrase and its class, for screen readers too.
+    first_chip = card.locator(".chip").first
+    assert first_chip.get_attribute("data-label") and first_chip.locator(".chip-class").inner_text()
+
+    # The thumbnail is the file picked in this tab; both figures come from the server (with the key).
+    thumb = card.locator("img.thumb")
+    assert thumb.get_attribute("src").startswith("blob:")
+    for selector in ("#figure-img", "#entropy-img", ".image-card img.thumb"):
+        page.wait_for_function(IMAGE_LOADED, arg=selector)
+
+    # Stage progress reached the total; the job is in this browser's recent list.
+    for stage in ("encoded", "captioned", "categorized"):
+        expect(page.locator(f"#stage-{stage}")).to_have_js_property("value", 1)
+    expect(page.locator(f'#recent-list a[href="#job/{job_id}"]')).to_contain_text("meadow.png")
+    recent = json.loads(page.evaluate("localStorage.getItem('lv.recentJobs')"))
+    assert recent[0]["id"] == job_id and recent[0]["status"] == "succeeded"
+
+    # Downloads go through the API with the bearer key.
+    links = page.locator(".downloads a")
+    assert {a.get_attribute("download").split("-", 1)[1] for a in links.all()} >= {
+        "results.jsonl", "distribution.csv", "figure.png"}
+    with page.expect_download() as download:
+        links.filter(has_text="Results").click()
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["meadow"]
+    with page.expect_download() as download:
+        links.filter(has_text="Distribution").click()
+    assert Path(download.value.path()).read_text().startswith("layer,")
+
+    page.mouse.move(0, 0)
+    page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
+    shot = tmp_path / "viewer-results.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    # The README's picture: written when missing, refreshed on request (not on every run: no git noise).
+    if not README_SHOT.exists() or os.environ.get("LV_UPDATE_SCREENSHOTS") == "1":
+        README_SHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, README_SHOT)
+
+    # Coming back later (a new page load: the picked file is gone): the recent list reopens the job.
+    page.goto("/")
+    expect(page.locator("#welcome")).to_be_visible()
+    page.locator(f'#recent-list a[href="#job/{job_id}"]').click()
+    expect(page.locator("#job-heading")).to_be_focused()
+    wait_succeeded(page)
+    expect(page.locator(".image-card .ladder-row")).to_have_count(len(LAYERS))
+    expect(page.locator(".image-card .thumb.placeholder")).to_have_count(1)
+
+
+def test_chip_colours_are_the_figure_colours(page, stack):
+    if "job" not in RUN:
+        pytest.skip("needs the job of test_uploaded_image_gets_a_layer_ladder_with_chips_and_figures")
+    options = stack[1].get("/v1/options").json()
+    if "taxonomy" not in options:
+        pytest.skip("GET /v1/options does not expose the taxonomy (class colours) yet: chips are neutral")
+    taxonomy = load_taxonomy()
+    page.goto(f"/#job/{RUN['job']}")
+    wait_succeeded(page)
+    chips = page.locator(".image-card .chip")
+    expect(chips.first).to_be_visible()
+    seen = page.evaluate("""[...document.querySelectorAll('.image-card .chip')].map(c =>
+        [c.dataset.label, c.dataset.class, getComputedStyle(c).backgroundColor])""")
+    assert seen
+    for label, cls, background in seen:
+        assert cls == taxonomy.merge(label)
+        r, g, b = (int(taxonomy.color(cls)[i:i + 2], 16) for i in (1, 3, 5))
+        assert background == f"rgb({r}, {g}, {b})", (label, cls, background)
+    # The figure's legend names the plotted classes in the same colours.
+    legend = page.locator(".figure .legend li")
+    expect(legend.first).to_be_visible()
+
+
+def test_refused_upload_shows_the_servers_reason(page):
+    page.goto("/")
+    expect(page.locator("#model-info")).to_contain_text("coca_tiny")
+    page.set_input_files("#files", files=[{"name": "notes.jpg", "mimeType": "image/jpeg",
+                                           "buffer": b"shopping list: milk, eggs\n"}])
+    page.click("#submit-button")
+    error = page.locator("#submit-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("notes.jpg: not a JPEG, PNG or WebP image")
+    assert page.get_attribute("#submit-error", "role") == "alert"
+    assert page.evaluate("location.hash") == ""
+    expect(page.locator("#submit-button")).to_be_enabled()
+
+
+def test_large_job_pages_through_images_and_shows_per_image_errors(page):
+    page.goto("/")
+    expect(page.locator("#model-info")).to_contain_text("coca_tiny")
+    page.click("#options-panel > summary")
+    page.fill("#opt-layers", "-1")
+    files = [{"name": f"img-{i}.png", "mimeType": "image/png", "buffer": image_bytes(i)} for i in range(7)]
+    # A PNG by its content that does not decode: the job succeeds for the others and names this one.
+    files.insert(3, {"name": "broken.png", "mimeType": "image/png", "buffer": image_bytes(99)[:80]})
+    submit_files(page, files)
+    wait_succeeded(page)
+    expect(page.locator("#job-images")).to_contain_text("1 unusable")
+    page.select_option("#page-size", "5")
+    pager = page.locator(".pager-top")
+    expect(pager.locator(".page-info")).to_have_text("Images 1–5 of 8")
+    expect(page.locator(".image-card h3")).to_have_text(["img-0", "img-1", "img-2", "broken", "img-3"])
+    expect(pager.get_by_role("button", name="Previous")).to_be_disabled()
+    # Only the chosen layer (-1: the last) was captioned.
+    assert {r.get_attribute("data-layer") for r in page.locator(".ladder-row").all()} == {"3"}
+    broken = page.locator(".image-card", has=page.locator("h3", has_text="broken"))
+    expect(broken.locator(".image-error")).to_contain_text("Could not use this image")
+    expect(broken.locator(".ladder-row")).to_have_count(0)
+    pager.get_by_role("button", name="Next").click()
+    expect(pager.locator(".page-info")).to_have_text("Images 6–8 of 8")
+    expect(page.locator(".image-card h3")).to_have_text(["img-4", "img-5", "img-6"])
+    expect(page.locator("#images-heading")).to_be_focused()
+    expect(pager.get_by_role("button", name="Next")).to_be_disabled()
+    page.fill("#image-filter", "img-2")
+    expect(page.locator(".image-card h3")).to_have_text(["img-2"])
+    page.fill("#image-filter", "")
+    page.check("#only-failed")
+    expect(page.locator(".image-card h3")).to_have_text(["broken"])
+
+
+def shard(images: dict[str, bytes]) -> bytes:
+    """A webdataset .tar shard: <key>.png members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, data in images.items():
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_dropped_shard_is_captioned_with_thumbnails_from_the_shard(page):
+    page.goto("/")
+    expect(page.locator("#model-info")).to_contain_text("coca_tiny")
+    data = shard({"cat": image_bytes(30, size=(48, 40)), "dog": image_bytes(31, size=(40, 48))})
+    # Drag-and-drop: a drop event carrying the file, as the browser fires it.
+    page.evaluate("""b64 => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "pets.tar", {type: "application/x-tar"}));
+        const zone = document.querySelector("#dropzone");
+        zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(data).decode())
+    expect(page.locator("#file-list")).to_contain_text("1 shard")
+    page.click("#submit-button")
+    page.wait_for_url("**/#job/*")
+    wait_succeeded(page)
+    expect(page.locator(".image-card h3")).to_have_text(["cat", "dog"])
+    expect(page.locator(".image-card").first.locator(".ladder-row")).to_have_count(len(LAYERS))
+    for n in (1, 2):
+        page.wait_for_function(IMAGE_LOADED, arg=f".image-card:nth-child({n}) img.thumb")
+
+
+def test_cancel_a_running_job(page):
+    page.goto("/")
+    expect(page.locator("#model-info")).to_contain_text("coca_tiny")
+    page.click("#options-panel > summary")
+    # Beam search over long captions keeps coca_tiny's decoder busy for seconds.
+    page.select_option("#opt-strategy", "beam")
+    page.fill("#opt-num_beams", "8")
+    page.fill("#opt-seq_len", "32")
+    page.fill("#opt-min_seq_len", "31")
+    page.uncheck("#opt-categorize")
+    expect(page.locator("#opt-backend")).to_be_disabled()
+    files = [{"name": f"slow-{i}.png", "mimeType": "image/png", "buffer": image_bytes(20 + i)} for i in range(4)]
+    submit_files(page, files)
+    expect(page.locator("#stage-categorized")).to_have_count(0)  # categorize off: two stages
+    cancel = page.locator("#cancel-job")
+    expect(cancel).to_be_visible()
+    cancel.click()
+    expect(page.locator("#job-status")).to_have_attribute("data-status", "cancelled", timeout=JOB_TIMEOUT_MS)
+    expect(cancel).to_be_hidden()
+    expect(page.locator(".image-card")).to_have_count(0)
