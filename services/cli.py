@@ -16,6 +16,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("services.demo.synth", "write synthetic scenes (PNG) with captions and attributes (manifest.jsonl)"),
     "train-demo": ("services.demo.train", "train the offline demo CoCa on synthetic scenes"),
     "demo": ("services.demo.cli", "offline main job: sample scenes -> every layer's caption -> report"),
+    "categorize": ("services.categorizer.cli", "label every caption's phrases with the taxonomy (embedded or LLM)"),
+    "analyze": ("services.categorizer.cli", "per-layer class distribution, figure and summary of labelled captions"),
+    # --- the service (issue 5) ---
+    "serve": ("services.stack", "the whole service on this machine: redis, gateway, encoder/decoder/categorizer"),
+    "gateway": ("services.gateway.cli", "the HTTP gateway alone"),
+    "worker": ("services.worker_cli", "one worker process: encoder | decoder | categorizer"),
+    "healthcheck": ("services.healthcheck", "exit 0 when the gateway or this host's worker of a stage is healthy"),
 }
 
 

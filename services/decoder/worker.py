@@ -1,0 +1,39 @@
+"""RQ task of the decoder stage: a chunk's latents -> one caption per layer per image (ImageResult
+lines, per-image errors carried through). The worker process loads the model once (`use_model`)."""
+
+from __future__ import annotations
+
+from services.decoder.stage import caption_layers
+from services.tasks import ChunkOutcome, Context, run_chunk
+from shared.jobs import JobRecord
+from shared.models import LoadedModel
+from shared.schemas import ImageResult
+
+_model: LoadedModel | None = None
+
+
+def use_model(lm: LoadedModel) -> None:
+    global _model
+    _model = lm
+
+
+def decode_chunk(job_id: str, chunk: int) -> None:
+    run_chunk("decode", job_id, chunk, lambda ctx, job: _decode(ctx, job, chunk))
+
+
+def _decode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
+    if _model is None:
+        raise RuntimeError("no model loaded in this process: start it with `latent-verbalizer worker decoder`")
+    latents, info = ctx.store.read_latents(job.id, chunk)
+    captions = {}
+    if latents is not None:
+        per_image = caption_layers(_model, latents, info["layers"], info["encoded"], job.options.decode,
+                                   ctx.settings.decode_batch)
+        captions = dict(zip(info["encoded"], per_image))
+    results = [
+        ImageResult(id=item["id"], source=item["source"], meta=item["meta"], layers=captions.get(item["id"]),
+                    error=None if item["id"] in captions else item["error"] or "not encoded")
+        for item in info["items"]
+    ]
+    ctx.store.write_lines(job.id, "captions", chunk, (r.model_dump_json(exclude_none=True) for r in results))
+    return ChunkOutcome(images=len(results))

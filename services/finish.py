@@ -1,0 +1,68 @@
+"""A job's outputs, written by whichever task finished its last chunk: results.jsonl (every chunk's
+lines in chunk order), the summary and figures (the categorizer's analysis and report when the job was
+categorized; per-layer entropy only when it was not). Safe to run twice: every file is replaced whole."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.artifacts import ArtifactStore
+from shared.jobs import JobRecord
+from shared.schemas import ImageResult
+
+
+def write_outputs(store: ArtifactStore, job: JobRecord) -> str | None:
+    """Write the job's outputs; when no image got captions, only results.jsonl, and return why."""
+    kind = "labels" if job.options.categorize else "captions"
+    results_path = store.write_results(job.id, kind, job.chunks)
+    results = [json.loads(line) for line in results_path.read_text().splitlines()]
+    captioned = [r for r in results if r.get("layers")]
+    if not captioned:
+        first = next((r["error"] for r in results if r.get("error")), "no images")
+        return f"no image could be captioned ({len(results)} tried): {first}"
+    staging = store.staging(job.id)
+    extra = {"job": job.id, "images": len(results), "failed_images": len(results) - len(captioned)}
+    if job.options.categorize:
+        files = _categorized_report(captioned, staging, extra)
+    else:
+        files = [_entropy_summary(captioned, staging, extra)]
+    store.publish(job.id, files)
+    shutil.rmtree(staging, ignore_errors=True)
+    return None
+
+
+def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict) -> list[Path]:
+    # Imported here: matplotlib and the analysis load only where categorized jobs finish.
+    from services.categorizer.analysis import analyze
+    from services.categorizer.report import write_report
+    from services.categorizer.worker import LabeledResult
+
+    labels: dict[int, list] = {}
+    entropies: dict[int, list[float]] = {}
+    for raw in results:
+        for layer in LabeledResult.model_validate(raw).layers:
+            labels.setdefault(layer.layer, []).append(layer.labels())
+            entropies.setdefault(layer.layer, []).append(layer.mean_entropy)
+    return write_report(analyze(labels, entropies), out_dir, extra)
+
+
+def _entropy_summary(results: Sequence[dict], out_dir: Path, extra: dict) -> Path:
+    """summary.json of an uncategorized job: per layer, its captions and their mean entropy."""
+    entropies: dict[int, list[float]] = {}
+    for raw in results:
+        for layer in ImageResult.model_validate(raw).layers:
+            entropies.setdefault(layer.layer, []).append(layer.mean_entropy)
+    layers = [{"layer": layer, "captions": len(values), "mean_entropy": _mean(values)}
+              for layer, values in sorted(entropies.items())]
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps({"layers": layers, **extra}, indent=1))
+    return path
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None

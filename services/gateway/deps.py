@@ -1,0 +1,46 @@
+"""What request handlers depend on: the gateway's state (settings, Redis, job records, artifact store,
+model shape), made once at start-up, and the optional API-key check."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+import redis
+from fastapi import HTTPException, Request
+
+from services.gateway.schemas import ModelInfo
+from shared.artifacts import ArtifactStore
+from shared.jobs import JobRecord, JobStore, is_job_id
+from shared.settings import Settings
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    client: redis.Redis
+    jobs: JobStore
+    store: ArtifactStore
+    model: ModelInfo
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def require_api_key(request: Request) -> None:
+    """With LV_API_KEYS set, every /v1 request must carry `Authorization: Bearer <one of the keys>`."""
+    keys = gateway(request).settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        raise HTTPException(401, "missing or invalid API key: send Authorization: Bearer <key>",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def find_job(job_id: str, request: Request) -> JobRecord:
+    job = gateway(request).jobs.get(job_id) if is_job_id(job_id) else None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r} (unknown, or expired)")
+    return job

@@ -1,0 +1,33 @@
+"""The served model's shape, read from its open_clip config file without importing torch (the gateway
+stays light): how many layers a job may ask for and how long a caption may be."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import shared
+from services.gateway.schemas import ModelInfo
+from shared.settings import Settings
+
+PROJECT_CONFIGS = Path(shared.__file__).parent / "model_configs"  # as shared.models.CONFIG_DIR
+
+
+def describe_model(settings: Settings) -> ModelInfo:
+    config = _config(settings.model)
+    return ModelInfo(
+        name=settings.model,
+        pretrained=settings.pretrained,
+        layers=config["vision_cfg"]["layers"] if config else None,
+        max_seq_len=config["text_cfg"].get("context_length", 77) if config else None,
+    )
+
+
+def _config(name: str) -> dict | None:
+    spec = importlib.util.find_spec("open_clip")
+    dirs = [PROJECT_CONFIGS, *(Path(p) / "model_configs" for p in (spec.submodule_search_locations or []))]
+    for d in dirs:
+        if (path := d / f"{name}.json").is_file():
+            return json.loads(path.read_text())
+    return None

@@ -1,0 +1,195 @@
+"""/v1: submit jobs, follow them, fetch their outputs, cancel them; the options a job may choose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+
+from services.gateway.deps import Gateway, find_job, gateway, require_api_key
+from services.gateway.schemas import (
+    Deleted,
+    JobCreated,
+    JobList,
+    JobOut,
+    Limits,
+    Links,
+    OptionsOut,
+    ShardJobRequest,
+)
+from services.gateway.submit import submit
+from services.gateway.uploads import (
+    JSON_BODY_BYTES,
+    check_length,
+    invalid,
+    read_uploads,
+    resolve_shards,
+)
+from shared.jobs import ACTIVE, JobOptions, JobRecord, JobStatus, new_job_id
+from shared.queue import cancel_queued
+
+Job = Annotated[JobRecord, Depends(find_job)]  # the job named by the path's {job_id}, or 404
+
+router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key)])
+
+# Both request forms, for /docs (the handler reads the body itself to accept either).
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"],
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "description": "images (JPEG, PNG, WebP) and/or webdataset .tar shards"},
+                    "options": {"type": "string", "description": "JSON text of the options (GET /v1/options)"},
+                },
+            }},
+            # JobOptions and DecodeParams are in the spec's components already (JobOut uses them).
+            "application/json": {"schema": {
+                k: v for k, v in ShardJobRequest.model_json_schema(ref_template="#/components/schemas/{model}").items()
+                if k != "$defs"
+            }},
+        },
+    }
+}
+
+OUTPUTS = {  # endpoint file -> (media type, needs categorization)
+    "summary.json": ("application/json", False),
+    "figure.png": ("image/png", True),
+    "entropy.png": ("image/png", True),
+    "distribution.csv": ("text/csv", True),
+}
+
+
+@router.post("/jobs", status_code=202, response_model=JobCreated, openapi_extra=_SUBMIT_BODY,
+             summary="Submit images or shards")
+async def create_job(request: Request) -> JobCreated:
+    gw = gateway(request)
+    job_id = new_job_id()
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            inputs, options = await read_uploads(request, gw.settings, gw.store.scratch(job_id))
+        elif content_type.startswith("application/json"):
+            body = await _shard_request(request)
+            inputs = await run_in_threadpool(resolve_shards, body.shards, gw.settings, gw.store.scratch(job_id))
+            options = body.options
+        else:
+            raise HTTPException(415, "send multipart/form-data with `files`, or application/json with `shards`")
+        options = _checked_options(options, gw)
+        await run_in_threadpool(submit, gw, job_id, inputs, options)
+    except BaseException:
+        gw.store.delete_job(job_id)
+        raise
+    return JobCreated(id=job_id, status=JobStatus.queued, links=Links.of(job_id))
+
+
+async def _shard_request(request: Request) -> ShardJobRequest:
+    check_length(request, JSON_BODY_BYTES)
+    try:
+        return ShardJobRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise invalid(e, "request") from e
+
+
+def _checked_options(options: JobOptions, gw: Gateway) -> JobOptions:
+    """Check the options against the served model; fill in the server's categorizer backend."""
+    n, max_len = gw.model.layers, gw.model.max_seq_len
+    layers = options.layers
+    if layers is not None and n is not None:
+        if bad := [i for i in layers if not -n <= i < n]:
+            raise HTTPException(422, f"bad options at layers: {bad} do not exist ({gw.model.name}: 0..{n - 1})")
+        layers = [i % n for i in layers]
+        if len(set(layers)) != len(layers):
+            raise HTTPException(422, f"bad options at layers: layers repeat: {options.layers}")
+    if max_len is not None and options.decode.seq_len > max_len:
+        raise HTTPException(422, f"bad options at decode.seq_len: {gw.model.name} allows at most {max_len}")
+    return options.model_copy(update={"layers": layers, "backend": options.backend or gw.settings.categorizer_backend})
+
+
+@router.get("/jobs", response_model=JobList, summary="Recent jobs, newest first")
+def list_jobs(request: Request, limit: int = Query(50, ge=1, le=500)) -> JobList:
+    return JobList(jobs=[JobOut.of(j) for j in gateway(request).jobs.recent(limit)])
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="Status and progress")
+async def get_job(job: Job) -> JobOut:
+    return JobOut.of(job)
+
+
+@router.delete("/jobs/{job_id}", response_model=Deleted, summary="Cancel an active job, or delete an ended one")
+def delete_job(request: Request, job: Job) -> Deleted:
+    gw = gateway(request)
+    if job.status in ACTIVE and gw.jobs.finish(job.id, JobStatus.cancelled):
+        cancel_queued(gw.client, job.id, job.chunks)
+        gw.store.delete_job(job.id)
+        return Deleted(id=job.id, status=JobStatus.cancelled.value)
+    gw.jobs.delete(job.id)
+    gw.store.delete_job(job.id)
+    return Deleted(id=job.id, status="deleted")
+
+
+@router.get("/jobs/{job_id}/results", summary="One JSON line per image: captions per layer (+ phrases)",
+            response_class=FileResponse, responses={200: {"content": {"application/x-ndjson": {}}}})
+def get_results(request: Request, job: Job) -> FileResponse:
+    return FileResponse(_output(request, job, "results.jsonl"), media_type="application/x-ndjson",
+                        filename=f"{job.id}-results.jsonl", content_disposition_type="inline")
+
+
+@router.get("/jobs/{job_id}/summary", summary="Per-layer distribution and entropy", response_class=FileResponse)
+def get_summary(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "summary.json")
+
+
+@router.get("/jobs/{job_id}/figure.png", summary="Stacked-area figure of classes per layer",
+            response_class=FileResponse)
+def get_figure(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "figure.png")
+
+
+@router.get("/jobs/{job_id}/entropy.png", summary="Mean caption entropy per layer", response_class=FileResponse)
+def get_entropy(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "entropy.png")
+
+
+@router.get("/jobs/{job_id}/distribution.csv", summary="Mean percentage of class per layer",
+            response_class=FileResponse)
+def get_distribution(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "distribution.csv")
+
+
+def _file(request: Request, job: JobRecord, name: str) -> FileResponse:
+    media_type, needs_labels = OUTPUTS[name]
+    if needs_labels and not job.options.categorize and job.status == JobStatus.succeeded:
+        raise HTTPException(404, f"no {name}: the job ran with categorize off")
+    return FileResponse(_output(request, job, name), media_type=media_type)
+
+
+def _output(request: Request, job: JobRecord, name: str) -> Path:
+    if job.status != JobStatus.succeeded:
+        reason = f": {job.error}" if job.error else ""
+        raise HTTPException(409, f"job is {job.status.value}{reason}; outputs exist once it has succeeded")
+    path = gateway(request).store.output(job.id, name)
+    if not path.is_file():
+        raise HTTPException(404, f"{name} is gone (expired or deleted)")
+    return path
+
+
+@router.get("/options", response_model=OptionsOut, summary="Defaults and schema of the job options")
+def get_options(request: Request) -> OptionsOut:
+    gw = gateway(request)
+    s = gw.settings
+    return OptionsOut(
+        model=gw.model,
+        defaults=JobOptions(backend=s.categorizer_backend),
+        backends=["embedded", "openai"],
+        url_shards=s.allow_url_shards,
+        limits=Limits(max_upload_bytes=s.max_upload_bytes, max_files=s.max_files,
+                      max_image_pixels=s.max_image_pixels, chunk_size=s.chunk_size),
+        schema=JobOptions.model_json_schema(),
+    )

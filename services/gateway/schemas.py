@@ -1,0 +1,116 @@
+"""What the HTTP API accepts and answers (the job options model itself is shared.jobs.JobOptions)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.jobs import CategorizerBackend, JobOptions, JobRecord, JobStatus
+
+
+class ShardJobRequest(BaseModel):
+    """POST /v1/jobs as JSON: shards on the server (under its data roots) or http(s) URLs when enabled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: list[str] = Field(min_length=1, description="paths of .tar shards under a data root, or URLs")
+    options: JobOptions = Field(default_factory=JobOptions)
+
+
+class Links(BaseModel):
+    self: str
+    results: str
+    summary: str
+    figure: str
+    entropy: str
+    distribution: str
+
+    @classmethod
+    def of(cls, job_id: str) -> Links:
+        base = f"/v1/jobs/{job_id}"
+        return cls(self=base, results=f"{base}/results", summary=f"{base}/summary", figure=f"{base}/figure.png",
+                   entropy=f"{base}/entropy.png", distribution=f"{base}/distribution.csv")
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: JobStatus
+    links: Links
+
+
+class Progress(BaseModel):
+    total: int = Field(description="images in the job")
+    encoded: int
+    captioned: int
+    categorized: int
+    failed_images: int = Field(description="images that could not be used (each one's reason is in the results)")
+    chunks: int
+
+
+class Timings(BaseModel):
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    elapsed_s: float = Field(description="from submission to the end, or to now while active")
+    stage_seconds: dict[str, float] = Field(description="work time per stage, summed over chunks")
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    error: str | None
+    options: JobOptions
+    progress: Progress
+    timings: Timings
+    links: Links
+
+    @classmethod
+    def of(cls, job: JobRecord) -> JobOut:
+        end = job.finished_at or time.time()
+        return cls(
+            id=job.id, status=job.status, error=job.error, options=job.options,
+            progress=Progress(total=job.total, encoded=job.encoded, captioned=job.captioned,
+                              categorized=job.categorized, failed_images=job.failed_images, chunks=job.chunks),
+            timings=Timings(created_at=_utc(job.created_at), started_at=_utc(job.started_at),
+                            finished_at=_utc(job.finished_at), elapsed_s=round(end - job.created_at, 3),
+                            stage_seconds={k: round(v, 3) for k, v in job.stage_seconds.items()}),
+            links=Links.of(job.id),
+        )
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class Deleted(BaseModel):
+    id: str
+    status: str = Field(description="cancelled (it was active) or deleted (it had ended)")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    pretrained: str | None
+    layers: int | None = Field(description="vision blocks (captionable layers); null when the config is unknown")
+    max_seq_len: int | None = Field(description="longest caption the text tower allows, start token included")
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_files: int
+    max_image_pixels: int
+    chunk_size: int
+
+
+class OptionsOut(BaseModel):
+    model: ModelInfo
+    defaults: JobOptions
+    backends: list[CategorizerBackend]
+    url_shards: bool = Field(description="whether http(s) shard URLs are accepted")
+    limits: Limits
+    options_schema: dict = Field(alias="schema", description="JSON schema of `options`")
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)

@@ -1,0 +1,99 @@
+"""The frame every chunk task runs in, whatever its stage:
+
+    1. the job must still be active (a cancelled, failed or expired job's tasks do nothing);
+    2. the stage's work reads the chunk's input from the artifact store, calls the stage function and
+       writes the chunk's output (atomically, under a fixed name: a rerun replaces it);
+    3. the next stage's task for this chunk is queued (once, whatever the reruns);
+    4. the chunk is counted at this stage (once); whoever counts the last chunk at the job's final
+       stage finishes the job (services.finish writes results.jsonl, summary, figures).
+
+A ValueError from the work is bad input no retry can fix: the job fails at once with its message.
+Any other exception propagates to RQ, which retries the task with backoff (shared.queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import redis
+
+from services.finish import write_outputs
+from shared.artifacts import ArtifactStore
+from shared.jobs import JobRecord, JobStatus, JobStore
+from shared.queue import connect, enqueue
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    settings: Settings
+    client: redis.Redis
+    jobs: JobStore
+    store: ArtifactStore
+
+
+@lru_cache
+def context() -> Context:
+    """The worker process's connections, made on first use."""
+    settings = get_settings()
+    client = connect(settings, timeout_s=30)
+    return Context(settings, client, JobStore(client, settings.job_ttl_s), ArtifactStore(settings.artifact_dir))
+
+
+@dataclass
+class ChunkOutcome:
+    images: int  # images the stage handled, per-image errors included
+    failed_images: int = 0  # images found unusable at this stage
+
+
+def next_stage(job: JobRecord, stage: str) -> str | None:
+    if stage == "encode":
+        return "decode"
+    if stage == "decode" and job.options.categorize:
+        return "categorize"
+    return None
+
+
+def run_chunk(stage: str, job_id: str, chunk: int, work: Callable[[Context, JobRecord], ChunkOutcome]) -> None:
+    ctx = context()
+    job = ctx.jobs.begin(job_id)
+    if job is None:
+        log.info("chunk skipped: job not active", extra={"job": job_id, "stage": stage, "chunk": chunk})
+        return
+    t0 = time.perf_counter()
+    try:
+        outcome = work(ctx, job)
+    except ValueError as e:
+        fail_job(ctx, job_id, f"{stage} of chunk {chunk}: {e}")
+        return
+    seconds = time.perf_counter() - t0
+    if (following := next_stage(job, stage)) is not None:
+        enqueue(ctx.client, ctx.settings, following, job_id, [chunk])
+    done = ctx.jobs.chunk_done(job_id, stage, chunk, outcome.images, seconds, outcome.failed_images)
+    log.info("chunk done", extra={"job": job_id, "stage": stage, "chunk": chunk, "images": outcome.images,
+                                  "seconds": round(seconds, 3), "chunks_done": done, "chunks": job.chunks})
+    if stage == job.final_stage and done == job.chunks:
+        finish_job(ctx, job)
+    if (current := ctx.jobs.get(job_id)) is not None and current.status == JobStatus.cancelled:
+        ctx.store.delete_job(job_id)  # cancelled while this chunk ran: drop what it wrote
+
+
+def finish_job(ctx: Context, job: JobRecord) -> None:
+    """The last chunk is done: write the job's outputs, then end it."""
+    if (failure := write_outputs(ctx.store, job)) is not None:
+        fail_job(ctx, job.id, failure)
+    elif ctx.jobs.finish(job.id, JobStatus.succeeded) and not ctx.settings.keep_artifacts:
+        ctx.store.delete_intermediates(job.id)
+
+
+def fail_job(ctx: Context, job_id: str, reason: str) -> None:
+    if ctx.jobs.finish(job_id, JobStatus.failed, reason):
+        log.error("job failed", extra={"job": job_id, "reason": reason})
+        if not ctx.settings.keep_artifacts:
+            ctx.store.delete_intermediates(job_id)

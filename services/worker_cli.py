@@ -1,0 +1,77 @@
+"""`latent-verbalizer worker encoder|decoder|categorizer [model flags]`: one worker process.
+
+It loads its model (encoder, decoder: the CoCa model on the GPU when there is one; categorizer: the
+default labeling backend) once, then runs tasks from its stage's queue in this same process until
+SIGTERM/SIGINT (the task in hand is finished first; a second signal stops at once)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import redis
+
+from services.cli_common import add_model_args, model_from_args
+from shared.models import ModelError
+from shared.queue import ROLES, LeaseWorker, connect, redis_url
+from shared.settings import get_settings
+
+log = logging.getLogger("worker")
+
+REDIS_WAIT_S = 60
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("role", choices=list(ROLES), help="which stage's queue to work on")
+    add_model_args(p)
+    p.add_argument("--burst", action="store_true", help="quit once the queue is empty")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    try:
+        _load(args)
+    except (ModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    client = connect(settings)
+    if not _wait_for(client):
+        print(f"error: redis at {redis_url(settings)} unreachable for {REDIS_WAIT_S} s", file=sys.stderr)
+        return 1
+    worker = LeaseWorker([ROLES[args.role]], connection=client, lease_s=settings.lease_s)
+    log.info("worker ready", extra={"role": args.role, "queue": ROLES[args.role], "worker": worker.name})
+    worker.work(burst=args.burst, logging_level=settings.log_level.upper())
+    return 0
+
+
+def _load(args: argparse.Namespace) -> None:
+    """Load what the role's tasks use, once, before taking any task."""
+    if args.role == "categorizer":
+        from services.categorizer.stage import categorize
+        from services.categorizer.worker import labeler
+
+        backend = get_settings().categorizer_backend
+        if backend == "embedded":  # its first call pays a one-off set-up: pay it before the first task
+            categorize(["a dog on a red sofa"], labeler(backend))
+        else:
+            labeler(backend)
+        return
+    lm = model_from_args(args)
+    if args.role == "encoder":
+        from services.encoder.worker import use_model
+    else:
+        from services.decoder.worker import use_model
+    use_model(lm)
+
+
+def _wait_for(client: redis.Redis) -> bool:
+    deadline = time.monotonic() + REDIS_WAIT_S
+    while True:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1)

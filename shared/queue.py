@@ -1,0 +1,156 @@
+"""Redis and RQ wiring for the gateway and the workers.
+
+One RQ queue per stage (Redis lists rq:queue:encode, rq:queue:decode, rq:queue:categorize; KEDA scales
+the workers on their length). A task is one chunk at one stage, with a deterministic id
+(<job>_<stage>_<chunk>), so enqueueing it twice is a no-op. Failed tasks are retried with backoff; when
+the retries are spent, `on_task_failure` fails the job with the reason.
+
+Workers are `LeaseWorker`s: RQ's SimpleWorker (no fork: the model is loaded once per process and
+kept) plus a lease. While a task runs, a thread renews the task's entry in RQ's started registry every
+lease_s/3. If the worker is killed the entry lapses after lease_s; RQ's registry clean-up (run by the
+gateway's housekeeper every second, and by every worker when it starts) then treats the task as
+abandoned and retries it, so another worker (or the restarted one) redoes that chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+import redis
+from rq import Callback, Queue, Retry, SimpleWorker
+from rq.exceptions import AbandonedJobError
+from rq.job import Job
+from rq.worker import WorkerStatus
+
+from shared.artifacts import ArtifactStore
+from shared.jobs import STAGES, JobStatus, JobStore
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+QUEUES = STAGES  # queue name = stage name
+ROLES = {"encoder": "encode", "decoder": "decode", "categorizer": "categorize"}  # worker role -> its queue
+TASKS = {
+    "encode": "services.encoder.worker.encode_chunk",
+    "decode": "services.decoder.worker.decode_chunk",
+    "categorize": "services.categorizer.worker.categorize_chunk",
+}
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+# A worker's registration expires this long after its last heartbeat; an idle worker beats every
+# WORKER_TTL_S - 15 s, a busy one every lease_s / 3.
+WORKER_TTL_S = 60
+RETRY_BACKOFF_S = 2  # the first retry waits this long, each later one 4x longer (2, 8, 32, ... s)
+
+
+def redis_url(settings: Settings) -> str:
+    return settings.redis_url or LOCAL_REDIS_URL
+
+
+def connect(settings: Settings | None = None, timeout_s: float | None = None) -> redis.Redis:
+    """A Redis client (bytes responses, as RQ needs). `timeout_s` bounds every call: the gateway sets
+    it so a stuck Redis cannot hang a request; workers leave it None for RQ's blocking pops."""
+    settings = settings or get_settings()
+    return redis.Redis.from_url(redis_url(settings), socket_connect_timeout=5, socket_timeout=timeout_s,
+                                health_check_interval=30)
+
+
+def task_id(job_id: str, stage: str, chunk: int) -> str:
+    return f"{job_id}_{stage}_{chunk}"
+
+
+def enqueue(client: redis.Redis, settings: Settings, stage: str, job_id: str, chunks: Iterable[int]) -> None:
+    """Queue the stage's task for each chunk, skipping tasks that already exist (a retried task
+    enqueues its successor again)."""
+    ids = {chunk: task_id(job_id, stage, chunk) for chunk in chunks}
+    with client.pipeline(transaction=False) as pipe:
+        for tid in ids.values():
+            pipe.exists(Job.key_for(tid))
+        exists = pipe.execute()
+    queue = Queue(stage, connection=client)
+    retry = None
+    if settings.task_retries:  # RQ takes the intervals in order: one per retry
+        retry = Retry(max=settings.task_retries,
+                      interval=[RETRY_BACKOFF_S * 4**i for i in range(settings.task_retries)])
+    queue.enqueue_many([
+        Queue.prepare_data(
+            TASKS[stage], args=(job_id, chunk), job_id=tid, timeout=settings.task_timeout_s, retry=retry,
+            on_failure=Callback("shared.queue.on_task_failure"), result_ttl=settings.job_ttl_s,
+            failure_ttl=settings.job_ttl_s, description=f"{stage} chunk {chunk} of job {job_id}",
+        )
+        for (chunk, tid), exist in zip(ids.items(), exists) if not exist
+    ])
+
+
+def cancel_queued(client: redis.Redis, job_id: str, chunks: int) -> None:
+    """Take a job's waiting tasks off the queues. A running task finishes, then finds the job cancelled
+    and drops what it wrote (services.tasks)."""
+    ids = [task_id(job_id, stage, chunk) for stage in STAGES for chunk in range(chunks)]
+    for task in Job.fetch_many(ids, connection=client):
+        if task is not None and task.get_status(refresh=False) in ("queued", "scheduled", "deferred"):
+            task.cancel()
+
+
+def on_task_failure(task: Job, connection: redis.Redis, exc_type, exc, _traceback) -> None:
+    """RQ failure callback, after every failed try of a task (in the worker, or in whoever cleans up
+    an abandoned task). With retries left RQ retries it; otherwise the job fails with the reason."""
+    job_id, chunk = task.args
+    if task.retries_left:
+        log.warning("task failed, will retry", extra={"task": task.id, "retries_left": task.retries_left,
+                                                      "error": f"{exc_type.__name__}: {exc}"})
+        return
+    if exc_type is AbandonedJobError:
+        cause = "the worker was lost (killed or stalled) while it held the chunk"
+    else:
+        cause = f"{exc_type.__name__}: {exc}"
+    settings = get_settings()
+    reason = f"{task.origin} of chunk {chunk} failed after {settings.task_retries + 1} tries: {cause}"
+    if JobStore(connection, settings.job_ttl_s).finish(job_id, JobStatus.failed, reason):
+        log.error("job failed", extra={"job": job_id, "reason": reason})
+        if not settings.keep_artifacts:
+            ArtifactStore(settings.artifact_dir).delete_intermediates(job_id)
+
+
+def queue_depths(client: redis.Redis) -> dict[str, dict[str, int]]:
+    """Per queue: tasks waiting, running, and scheduled (waiting out a retry backoff)."""
+    queues = [Queue(name, connection=client) for name in QUEUES]
+    with client.pipeline(transaction=False) as pipe:
+        for q in queues:
+            pipe.llen(q.key)
+            pipe.zcard(q.started_job_registry.key)
+            pipe.zcard(q.scheduled_job_registry.key)
+        counts = pipe.execute()
+    return {q.name: dict(zip(("waiting", "running", "scheduled"), counts[3 * i : 3 * i + 3]))
+            for i, q in enumerate(queues)}
+
+
+class LeaseWorker(SimpleWorker):
+    """RQ's SimpleWorker with a lease: runs tasks in this process and renews the running task's
+    registry entry every lease_s / 3, so the entry lapses lease_s after the process dies."""
+
+    def __init__(self, *args, lease_s: int, **kwargs) -> None:
+        super().__init__(*args, worker_ttl=WORKER_TTL_S, **kwargs)
+        self.lease_s = lease_s
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.lease_s
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(job, execution, done), name="lease", daemon=True)
+        renewer.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            renewer.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _renew(self, job: Job, execution, done: threading.Event) -> None:
+        while not done.wait(self.lease_s / 3):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except redis.RedisError as e:  # the next beat tries again; the lease covers two misses
+                log.warning("lease renewal failed", extra={"task": job.id, "error": str(e)})

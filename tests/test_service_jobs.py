@@ -1,0 +1,185 @@
+"""Jobs through the whole service: `latent-verbalizer serve` (gateway + encoder, decoder and categorizer
+worker processes on coca_tiny) against a private redis-server, over real HTTP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from rq import Queue, Worker
+from rq.job import Job
+from service_stack import (
+    TINY,
+    free_port,
+    image_bytes,
+    redis_server,
+    service,
+    service_env,
+    tar_bytes,
+    wait_for_workers,
+    wait_job,
+    wait_until,
+)
+
+LAYERS = [0, 1, 2, 3]
+
+
+def slow(beams: int) -> dict:
+    """Options that keep coca_tiny's decoder busy: the longest captions, in beams (32: about 3 s an image)."""
+    return {"categorize": False, "decode": {"strategy": "beam", "num_beams": beams, "seq_len": 32, "min_seq_len": 31}}
+
+
+@dataclass
+class Stack:
+    api: httpx.Client  # the gateway, with the API key
+    redis: redis.Redis
+    env: dict[str, str]  # the stack's LV_* settings
+    data: Path  # the data root server-side shards come from
+    artifacts: Path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stack")
+    with redis_server(tmp) as url:
+        port = free_port()
+        env = service_env(url, tmp, LV_PORT=str(port))
+        with service(["serve", *TINY], env, tmp / "serve.log", port) as api:
+            wait_for_workers(url)
+            yield Stack(api, redis.Redis.from_url(url), env, tmp / "data", tmp / "artifacts")
+
+
+def submit(api, files, options=None) -> str:
+    response = api.post("/v1/jobs", files=files, data={"options": json.dumps(options or {})})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def results(api, job_id) -> list[dict]:
+    response = api.get(f"/v1/jobs/{job_id}/results")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def assert_captioned(record: dict, categorized: bool) -> None:
+    assert "error" not in record
+    assert [c["layer"] for c in record["layers"]] == LAYERS
+    for c in record["layers"]:
+        assert c["caption"] and c["tokens"] and c["mean_entropy"] > 0
+        if categorized:
+            assert c["phrases"] and all(p["text"] and 1 <= len(p["labels"]) <= 3 for p in c["phrases"])
+
+
+def test_three_images_categorized(stack):
+    api = stack.api
+    files = [("files", ("a.png", image_bytes(0))), ("files", ("b.jpg", image_bytes(1, fmt="JPEG"))),
+             ("files", ("c.webp", image_bytes(2, fmt="WEBP")))]
+    job_id = submit(api, files)
+    job = wait_job(api, job_id)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == {"total": 3, "encoded": 3, "captioned": 3, "categorized": 3, "failed_images": 0,
+                               "chunks": 2}
+    assert set(job["timings"]["stage_seconds"]) == {"encode", "decode", "categorize"}
+    lines = results(api, job_id)
+    assert [r["id"] for r in lines] == ["a", "b", "c"] and [r["source"] for r in lines] == ["a.png", "b.jpg", "c.webp"]
+    for r in lines:
+        assert_captioned(r, categorized=True)
+    summary = api.get(f"/v1/jobs/{job_id}/summary").json()
+    assert [layer["layer"] for layer in summary["layers"]] == LAYERS and summary["images"] == 3
+    for name, magic in [("figure.png", b"\x89PNG"), ("entropy.png", b"\x89PNG"), ("distribution.csv", b"layer,")]:
+        assert api.get(f"/v1/jobs/{job_id}/{name}").content.startswith(magic)
+    metrics = api.get("/metrics").text
+    assert 'lv_jobs_ended_total{status="succeeded"}' in metrics
+    assert 'lv_chunk_seconds_count{stage="categorize"}' in metrics
+
+
+def test_shard_job(stack):
+    api = stack.api
+    (stack.data / "shard-000.tar").write_bytes(tar_bytes({
+        "k1.jpg": image_bytes(4, fmt="JPEG"), "k1.json": b'{"caption": "x"}',
+        "k2.png": image_bytes(5), "k2.txt": b"hello",
+    }))
+    response = api.post("/v1/jobs", json={"shards": ["shard-000.tar"], "options": {"categorize": False}})
+    assert response.status_code == 202, response.text
+    job = wait_job(api, response.json()["id"])
+    assert job["status"] == "succeeded", job
+    lines = results(api, job["id"])
+    assert [(r["id"], r["source"]) for r in lines] == [("k1", "shard-000.tar:k1.jpg"), ("k2", "shard-000.tar:k2.png")]
+    assert lines[0]["meta"] == {"json": {"caption": "x"}} and lines[1]["meta"] == {"txt": "hello"}
+    for r in lines:
+        assert_captioned(r, categorized=False)
+    assert api.get(f"/v1/jobs/{job['id']}/figure.png").status_code == 404  # not categorized
+
+
+def test_shard_of_broken_images_fails_the_job(stack):
+    api = stack.api
+    (stack.data / "broken.tar").write_bytes(tar_bytes({"k1.jpg": image_bytes(9, size=(200, 200), fmt="JPEG")[:700]}))
+    job = wait_job(api, api.post("/v1/jobs", json={"shards": ["broken.tar"]}).json()["id"])
+    assert job["status"] == "failed" and "no image could be captioned" in job["error"], job
+    assert api.get(f"/v1/jobs/{job['id']}/results").status_code == 409
+
+
+def test_healthcheck_command(stack):
+    check = [sys.executable, "-m", "services.cli", "healthcheck"]
+    assert subprocess.run([*check, "gateway"], env=stack.env, capture_output=True).returncode == 0
+    for role in ("encoder", "decoder", "categorizer"):
+        assert subprocess.run([*check, "worker", role], env=stack.env, capture_output=True).returncode == 0, role
+    nobody_there = {**stack.env, "LV_PORT": str(free_port())}
+    assert subprocess.run([*check, "gateway"], env=nobody_there, capture_output=True).returncode == 1
+
+
+def test_one_corrupt_image(stack):
+    api = stack.api
+    files = [("files", ("good.png", image_bytes(6))),
+             ("files", ("broken.jpg", image_bytes(7, size=(200, 200), fmt="JPEG")[:700])),
+             ("files", ("fine.jpg", image_bytes(8, fmt="JPEG")))]
+    job = wait_job(api, submit(api, files, {"categorize": False}))
+    assert job["status"] == "succeeded" and job["progress"]["failed_images"] == 1, job
+    by_id = {r["id"]: r for r in results(api, job["id"])}
+    assert "corrupt jpeg image" in by_id["broken"]["error"] and "layers" not in by_id["broken"]
+    assert_captioned(by_id["good"], categorized=False)
+    assert_captioned(by_id["fine"], categorized=False)
+
+
+def test_cancel(stack):
+    api, client = stack.api, stack.redis
+    files = [("files", (f"{n}.png", image_bytes(10 + n))) for n in range(3)]
+    job_id = submit(api, files, slow(beams=8))
+    wait_job(api, job_id, until=("running",))
+    assert api.delete(f"/v1/jobs/{job_id}").json() == {"id": job_id, "status": "cancelled"}
+    assert api.get(f"/v1/jobs/{job_id}/results").status_code == 409
+    _wait_idle(client, job_id)
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["progress"]["captioned"] < 3
+    assert not (stack.artifacts / "jobs" / job_id).exists()
+
+
+def test_killed_worker_chunk_is_redone(stack):
+    api, client = stack.api, stack.redis
+    job_id = submit(api, [("files", ("slow.png", image_bytes(20)))], slow(beams=32))
+    task = f"{job_id}_decode_0"
+    started = Queue("decode", connection=client).started_job_registry
+    wait_until(lambda: task in started.get_job_ids(cleanup=False), 60, "the decode task never started")
+    (victim,) = Worker.all(queue=Queue("decode", connection=client))
+    os.kill(victim.pid, signal.SIGKILL)  # serve restarts the worker; the lease lapses; the chunk is redone
+    job = wait_job(api, job_id, timeout_s=120)
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["captioned"] == 1
+    (line,) = results(api, job_id)
+    assert_captioned(line, categorized=False)
+    redone = Job.fetch(task, connection=client)
+    assert redone.worker_name != victim.name and redone.retries_left == 1  # one of LV_TASK_RETRIES=2 used
+
+
+def _wait_idle(client, job_id):
+    """Until no task of the job is waiting or running."""
+    queues = [Queue(q, connection=client) for q in ("encode", "decode", "categorize")]
+    wait_until(lambda: not any(job_id in t for q in queues
+                               for t in [*q.get_job_ids(), *q.started_job_registry.get_job_ids(cleanup=False)]),
+               60, "the job's tasks did not drain")
