@@ -103,6 +103,15 @@ class Limits(BaseModel):
     chunk_size: int
 
 
+class TaxonomyOut(BaseModel):
+    """What the viewer needs to colour category chips like the figure."""
+
+    version: str
+    colors: dict[str, str] = Field(description="merged class -> hex colour (as in figure.png)")
+    merged_classes: dict[str, list[str]] = Field(description="merged class -> the raw labels it folds")
+    plot_names: dict[str, str]
+
+
 class OptionsOut(BaseModel):
     model: ModelInfo
     defaults: JobOptions
@@ -110,6 +119,7 @@ class OptionsOut(BaseModel):
     url_shards: bool = Field(description="whether http(s) shard URLs are accepted")
     limits: Limits
     options_schema: dict = Field(alias="schema", description="JSON schema of `options`")
+    taxonomy: TaxonomyOut
 
 
 def _utc(ts: float | None) -> datetime | None:

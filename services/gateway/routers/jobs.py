@@ -31,6 +31,7 @@ from services.gateway.uploads import (
 )
 from shared.jobs import ACTIVE, JobOptions, JobRecord, JobStatus, new_job_id
 from shared.queue import cancel_queued
+from shared.taxonomy import load_taxonomy
 
 Job = Annotated[JobRecord, Depends(find_job)]  # the job named by the path's {job_id}, or 404
 
@@ -192,4 +193,5 @@ def get_options(request: Request) -> OptionsOut:
         limits=Limits(max_upload_bytes=s.max_upload_bytes, max_files=s.max_files,
                       max_image_pixels=s.max_image_pixels, chunk_size=s.chunk_size),
         schema=JobOptions.model_json_schema(),
+        taxonomy=load_taxonomy().model_dump(include={"version", "colors", "merged_classes", "plot_names"}),
     )
