@@ -14,10 +14,15 @@ import torch
 
 from services.decoder.model import TextDecoder
 from services.decoder.sampling import block_end_token, entropy_bits, repetition_penalty
+from shared.models import LoadedModel
+from shared.schemas import DecodeParams
 
 
 @torch.inference_mode()
-def search(decoder: TextDecoder, lm, image_tokens: torch.Tensor, params) -> tuple[list, list]:
+def search(
+    decoder: TextDecoder, lm: LoadedModel, image_tokens: torch.Tensor, params: DecodeParams
+) -> tuple[list[list[int]], list[list[float]]]:
+    """image_tokens [B, N, D] -> per caption the best hypothesis' tokens and per-step entropies."""
     B, K, S, device = image_tokens.shape[0], params.num_beams, params.seq_len, image_tokens.device
     cross = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in decoder.cross_kv(image_tokens)]
     caches = decoder.new_caches(B * K, S, device)

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from shared.schemas import DecodeParams
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -66,7 +68,7 @@ def uniforms(seed: int, row_keys: torch.Tensor, step: int) -> torch.Tensor:
     return (bits.double() + 0.5) / 2**32
 
 
-def choose(scores: torch.Tensor, params, row_keys: torch.Tensor, step: int) -> torch.Tensor:
+def choose(scores: torch.Tensor, params: DecodeParams, row_keys: torch.Tensor, step: int) -> torch.Tensor:
     """Pick the next token per row from processed scores [B, V] -> [B]."""
     if params.strategy == "greedy":
         return scores.argmax(-1)
