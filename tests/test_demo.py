@@ -42,8 +42,8 @@ def test_shipped_weights_are_small_fp16():
     assert torch.float16 in dtypes and torch.float32 not in dtypes
 
 
-@pytest.mark.xfail(strict=True, reason="interim synth-v1 weights (an 875-step pilot) get colours mostly right but"
-                   " not shapes; this is issue 3's acceptance check and must pass once trained weights ship")
+@pytest.mark.xfail(strict=True, reason="synth-v1 (2000 steps; 0.28 colour+shape on unseen scenes) names colours"
+                   " but mostly not shapes: issue 3's acceptance check, to pass once better weights ship")
 def test_demo_model_captions_fixed_scenes(demo):
     items = [ImageItem(id=f"fixed{i}", source="test", data=png_bytes(render(s, 123, i)))
              for i, s in enumerate(FIXED_SCENES)]

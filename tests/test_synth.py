@@ -80,10 +80,10 @@ def test_write_dataset_prefix_is_stable(tmp_path):
 
 def test_score_needs_every_object():
     scene = Scene(objects=(SceneObject("red", "circle", "large", 20, 30, 25),
-                           SceneObject("blue", "star", "small", 45, 20, 15)), background="gray")
-    assert score("a large red circle left of a small blue star on a gray background", scene)["color_shape"]
-    assert score("a small blue star left of a large red circle", scene)["color_shape"]  # order is free
-    wrong = score("a large blue circle left of a small red star on a gray background", scene)
+                           SceneObject("blue", "cross", "small", 45, 20, 17)), background="gray")
+    assert score("a large red circle left of a small blue cross on a gray background", scene)["color_shape"]
+    assert score("a small blue cross left of a large red circle", scene)["color_shape"]  # order is free
+    wrong = score("a large blue circle left of a small red cross on a gray background", scene)
     assert wrong == {"color": True, "shape": True, "color_shape": False}
     assert not score("a large red circle on a gray background", scene)["color"]
-    assert not score("a red circle left of a blue star left of a blue star", scene)["shape"]
+    assert not score("a red circle left of a blue cross left of a blue cross", scene)["shape"]

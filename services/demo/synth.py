@@ -1,4 +1,4 @@
-"""Synthetic scenes: one to three coloured shapes on a plain, striped or checkered background, each
+"""Synthetic scenes: one to three coloured shapes on a plain or striped background, each
 with a ground-truth caption from a small grammar and its structured attributes.
 
 Scene `index` of seed `seed` depends on nothing else (its RNG is seeded by the pair), so a data set is
@@ -29,9 +29,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (135, 55, 175),
     "orange": (245, 135, 25),
 }
-SHAPES = ("circle", "square", "triangle", "star", "cross")
-SIZES: dict[str, tuple[int, int]] = {"small": (13, 17), "large": (23, 29)}  # diameter range, px
-BACKGROUNDS = ("gray", "white", "black", "striped", "checkered")
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES: dict[str, tuple[int, int]] = {"small": (16, 19), "large": (25, 30)}  # diameter range, px
+BACKGROUNDS = ("gray", "white", "black", "striped")
 MIN_DX = 6  # px between object centres, so "left of" is never ambiguous
 MANIFEST = "manifest.jsonl"
 
@@ -123,15 +123,11 @@ def _background(rng: np.random.Generator, kind: str) -> Image.Image:
     plain = {"gray": (105, 150), "white": (225, 250), "black": (5, 35)}
     if kind in plain:
         return Image.new("RGB", (size, size), _gray(rng, *plain[kind]))
-    light, dark = _gray(rng, 175, 220), _gray(rng, 70, 120)
+    light, dark = _gray(rng, 175, 205), _gray(rng, 115, 145)  # striped: soft grey stripes
     period = int(rng.integers(6, 13)) * SUPERSAMPLE
     yy, xx = np.mgrid[0:size, 0:size]
-    if kind == "striped":
-        direction = int(rng.integers(0, 4))  # horizontal, vertical, two diagonals
-        coord = (yy, xx, xx + yy, xx - yy + size)[direction]
-        on = (coord // period) % 2 == 0
-    else:  # checkered
-        on = ((xx // period) + (yy // period)) % 2 == 0
+    direction = int(rng.integers(0, 4))  # horizontal, vertical, two diagonals
+    on = ((yy, xx, xx + yy, xx - yy + size)[direction] // period) % 2 == 0
     pixels = np.where(on[..., None], np.array(light, np.uint8), np.array(dark, np.uint8))
     return Image.fromarray(pixels.astype(np.uint8), "RGB")
 
@@ -142,10 +138,6 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         pts = [(-h, -h), (h, -h), (h, h), (-h, h)]
     elif shape == "triangle":
         pts = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
-    elif shape == "star":  # five points, inner radius 0.45
-        radii = [r if k % 2 == 0 else r * 0.45 for k in range(10)]
-        pts = [(q * math.cos(-math.pi / 2 + k * math.pi / 5), q * math.sin(-math.pi / 2 + k * math.pi / 5))
-               for k, q in enumerate(radii)]
     else:  # cross: a plus sign with arms a third of the diameter wide
         a, t = r * 0.95, r * 0.33
         pts = [(-t, -a), (t, -a), (t, -t), (a, -t), (a, t), (t, t),
