@@ -112,7 +112,7 @@ def test_analyze_command_reference_format(tmp_path):
 
 def test_categorize_then_analyze_commands(tmp_path):
     captions = tmp_path / "captions.json"
-    captions.write_text(json.dumps({"layer_0": ["red red gygy", "red red gygy"], "layer_1": ["a man riding a horse"]}))
+    captions.write_text(json.dumps({"layer_0": ["red red zuzu", "red red zuzu"], "layer_1": ["a man riding a horse"]}))
     labels = tmp_path / "labels.json"
     assert main(["categorize", str(captions), "--backend", "embedded", "--out", str(labels)]) == 0
     doc = json.loads(labels.read_text())

@@ -39,7 +39,7 @@ def labeler(tmp_path_factory) -> EmbeddedLabeler:
         ("2 0 1 2", "numbers"),
         ("two small dogs", "animal"),  # the head noun, not its modifiers
         ("a small", "size"),
-        ("gygygygyflying", "UNKNOWN"),  # word salad
+        ("zuzuzuzuflying", "UNKNOWN"),  # word salad
         ("cabfeaturing", "UNKNOWN"),
         ("and", "UNKNOWN"),
         ("the", "UNKNOWN"),
@@ -68,21 +68,21 @@ def test_secondary_labels_come_from_the_other_words(labeler):
     "caption, phrases",
     [
         (
-            "a woman sitting at a table with a bowl of food .",
-            ["a woman", "sitting", "at a table", "with a bowl", "of food"],
+            "a woman sitting at a desk with a plate of food .",
+            ["a woman", "sitting", "at a desk", "with a plate", "of food"],
         ),
         ("a man standing in front of a red bus", ["a man", "standing", "in front of", "a red bus"]),
         # word salad: every word alone, repeats kept, punctuation dropped, "and" alone
         (
-            "summer swing summer and summer - summer red",
-            ["summer", "swing", "summer", "and", "summer", "summer", "red"],
+            "winter swing winter and winter - winter blue",
+            ["winter", "swing", "winter", "and", "winter", "winter", "blue"],
         ),
-        ("red gycrab , robinson 's rack 2 0 1 2", ["red", "gycrab", "robinson", "rack", "2 0 1 2"]),
+        ("red plokrab , johnson 's shelf 1 9 9 8", ["red", "plokrab", "johnson", "shelf", "1 9 9 8"]),
         ("a sink and a window", ["a sink", "and a window"]),
-        ("standing near a white and blue box", ["standing", "near", "a white and blue box"]),
+        ("standing near a green and yellow crate", ["standing", "near", "a green and yellow crate"]),
         (
-            "a large lock lock in a reface 2 0 0 2 2 0 2 2 5",
-            ["a large lock", "lock", "in a reface", "2 0 0 2", "2 0 2 2", "5"],
+            "a small key key in a refate 3 0 0 3 3 0 3 3 7",
+            ["a small key", "key", "in a refate", "3 0 0 3", "3 0 3 3", "7"],
         ),
         ("a person is in the sky going down", ["a person", "is in the sky", "going down"]),
     ],
@@ -92,8 +92,8 @@ def test_splits_captions_like_the_reference(labeler, caption, phrases):
 
 
 def test_label_captions_keeps_every_phrase_and_serialises(labeler):
-    [result] = labeler.label_captions(["red red orange gygyflying - a dog"])
-    assert [p.text for p in result.phrases] == ["red", "red", "orange", "gygyflying", "a dog"]
+    [result] = labeler.label_captions(["red red orange zuzuflying - a dog"])
+    assert [p.text for p in result.phrases] == ["red", "red", "orange", "zuzuflying", "a dog"]
     assert [p.main for p in result.phrases] == ["color", "color", "color", "UNKNOWN", "animal"]
     doc = json.loads(result.model_dump_json(exclude_none=True))
     assert doc == {"caption": result.caption, "phrases": [{"text": p.text, "labels": p.labels} for p in result.phrases]}

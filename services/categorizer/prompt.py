@@ -11,7 +11,7 @@ import json
 from services.categorizer.models import MAX_LABELS
 from shared.taxonomy import UNKNOWN, Taxonomy
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"
 
 _INSTRUCTIONS = """You label the phrases of image captions with kinds of visual information.
 Captions come from a captioning model reading intermediate layers of a vision network, so many are
@@ -26,7 +26,7 @@ Give each phrase one to three labels from this list, the most fitting first:
 {labels}
 
 Use {unknown} for made-up words, fragments and words that carry no visual information
-("and", "the", "gygyflying"). Use only labels from the list.
+("and", "the", "zuzuflying"). Use only labels from the list.
 Answer with JSON only: {{"phrases": [{{"text": <phrase>, "labels": [<label>, ...]}}, ...]}}."""
 
 _EXAMPLES = [

@@ -55,7 +55,7 @@ def split_phrases(caption: str, lexicon: Lexicon) -> list[str]:
             current.append(i)  # alone, or ending the phrase its openers began: "in a reface"
             flush()
         elif k is Kind.CONJUNCTION and within_noun_phrase(i):
-            current.append(i)  # "a white and green field"
+            current.append(i)  # "a red and yellow kite"
         elif k is Kind.CONJUNCTION and (i + 1 == len(tokens) or kinds[i + 1] is not Kind.DETERMINER):
             flush()
             phrases.append([tokens[i]])  # "red and blue": "and" alone; "and a window" opens a phrase

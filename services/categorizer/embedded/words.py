@@ -2,7 +2,7 @@
 (data/lexicon.json) with the inflections it derives, and a test for non-words.
 
 A word is "real" when the MiniLM tokenizer's vocabulary holds it whole (or holds its stem, for an
-inflected form): decoder word salad such as "gygygyflying" or "cocfall" splits into word pieces."""
+inflected form): decoder word salad such as "zuzuzuflying" or "cocfall" splits into word pieces."""
 
 from __future__ import annotations
 
