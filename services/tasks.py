@@ -24,6 +24,7 @@ import redis
 from services.finish import write_outputs
 from shared.artifacts import ArtifactStore
 from shared.jobs import JobRecord, JobStatus, JobStore
+from shared.models import LoadedModel
 from shared.queue import connect, enqueue
 from shared.settings import Settings, get_settings
 
@@ -44,6 +45,21 @@ def context() -> Context:
     settings = get_settings()
     client = connect(settings, timeout_s=30)
     return Context(settings, client, JobStore(client, settings.job_ttl_s), ArtifactStore(settings.artifact_dir))
+
+
+_model: LoadedModel | None = None
+
+
+def use_model(lm: LoadedModel) -> None:
+    """Keep the worker process's model: loaded once at start-up, used by every task it runs."""
+    global _model
+    _model = lm
+
+
+def loaded_model(role: str) -> LoadedModel:
+    if _model is None:
+        raise RuntimeError(f"no model loaded in this process: start it with `latent-verbalizer worker {role}`")
+    return _model
 
 
 @dataclass

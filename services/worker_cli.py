@@ -14,6 +14,7 @@ import time
 import redis
 
 from services.cli_common import add_model_args, model_from_args
+from services.tasks import use_model
 from shared.models import ModelError
 from shared.queue import ROLES, LeaseWorker, connect, redis_url
 from shared.settings import get_settings
@@ -59,10 +60,6 @@ def _load(args: argparse.Namespace) -> None:
             labeler(backend)
         return
     lm = model_from_args(args)
-    if args.role == "encoder":
-        from services.encoder.worker import use_model
-    else:
-        from services.decoder.worker import use_model
     use_model(lm)
 
 

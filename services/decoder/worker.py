@@ -1,20 +1,12 @@
 """RQ task of the decoder stage: a chunk's latents -> one caption per layer per image (ImageResult
-lines, per-image errors carried through). The worker process loads the model once (`use_model`)."""
+lines, per-image errors carried through). The worker process loads the model once (`services.tasks.use_model`)."""
 
 from __future__ import annotations
 
 from services.decoder.stage import caption_layers
-from services.tasks import ChunkOutcome, Context, run_chunk
+from services.tasks import ChunkOutcome, Context, loaded_model, run_chunk
 from shared.jobs import JobRecord
-from shared.models import LoadedModel
 from shared.schemas import ImageResult
-
-_model: LoadedModel | None = None
-
-
-def use_model(lm: LoadedModel) -> None:
-    global _model
-    _model = lm
 
 
 def decode_chunk(job_id: str, chunk: int) -> None:
@@ -22,12 +14,11 @@ def decode_chunk(job_id: str, chunk: int) -> None:
 
 
 def _decode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
-    if _model is None:
-        raise RuntimeError("no model loaded in this process: start it with `latent-verbalizer worker decoder`")
+    lm = loaded_model("decoder")
     latents, info = ctx.store.read_latents(job.id, chunk)
     captions = {}
     if latents is not None:
-        per_image = caption_layers(_model, latents, info["layers"], info["encoded"], job.options.decode,
+        per_image = caption_layers(lm, latents, info["layers"], info["encoded"], job.options.decode,
                                    ctx.settings.decode_batch)
         captions = dict(zip(info["encoded"], per_image))
     results = [

@@ -1,21 +1,13 @@
 """RQ task of the encoder stage: a chunk's images -> per-layer latents in the artifact store.
-The worker process loads the model once (`use_model`); RQ then calls `encode_chunk` per chunk."""
+The worker process loads the model once (`services.tasks.use_model`); RQ then calls `encode_chunk` per chunk."""
 
 from __future__ import annotations
 
 import torch
 
 from services.encoder.stage import check_layers, encode, load_pixels
-from services.tasks import ChunkOutcome, Context, run_chunk
+from services.tasks import ChunkOutcome, Context, loaded_model, run_chunk
 from shared.jobs import JobRecord
-from shared.models import LoadedModel
-
-_model: LoadedModel | None = None
-
-
-def use_model(lm: LoadedModel) -> None:
-    global _model
-    _model = lm
 
 
 def encode_chunk(job_id: str, chunk: int) -> None:
@@ -23,12 +15,11 @@ def encode_chunk(job_id: str, chunk: int) -> None:
 
 
 def _encode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
-    if _model is None:
-        raise RuntimeError("no model loaded in this process: start it with `latent-verbalizer worker encoder`")
-    visual = _model.model.visual
+    lm = loaded_model("encoder")
+    visual = lm.model.visual
     items = ctx.store.read_inputs(job.id, chunk)
     layers = check_layers(visual, job.options.layers)
-    pixels, good, errors = load_pixels(_model, items, ctx.settings.max_image_pixels)
+    pixels, good, errors = load_pixels(lm, items, ctx.settings.max_image_pixels)
     latents = None
     if pixels is not None:  # vision forwards of at most encode_batch images
         step = ctx.settings.encode_batch
