@@ -27,7 +27,7 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Project pretrained tags: (architecture, tag) -> weights file shipped with the package.
 PROJECT_WEIGHTS: dict[tuple[str, str], Path] = {
-    ("coca_synth_demo", "synth-v1"): WEIGHTS_DIR / "coca_synth_demo-synth-v1.safetensors",
+    ("coca_synth_demo", "synth-v2"): WEIGHTS_DIR / "coca_synth_demo-synth-v2.safetensors",
 }
 RANDOM_INIT_SEED = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

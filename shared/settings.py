@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The offline demo model the project trains and ships (shared/weights/); the default everywhere.
 DEMO_MODEL = "coca_synth_demo"
-DEMO_PRETRAINED = "synth-v1"
+DEMO_PRETRAINED = "synth-v2"
 
 
 class Settings(BaseSettings):

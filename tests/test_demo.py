@@ -4,6 +4,7 @@ command and the training loop work end to end."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,8 +43,6 @@ def test_shipped_weights_are_small_fp16():
     assert torch.float16 in dtypes and torch.float32 not in dtypes
 
 
-@pytest.mark.xfail(strict=True, reason="synth-v1 (2000 steps; 0.28 colour+shape on unseen scenes) names colours"
-                   " but mostly not shapes: issue 3's acceptance check, to pass once better weights ship")
 def test_demo_model_captions_fixed_scenes(demo):
     items = [ImageItem(id=f"fixed{i}", source="test", data=png_bytes(render(s, 123, i)))
              for i, s in enumerate(FIXED_SCENES)]
@@ -52,18 +51,6 @@ def test_demo_model_captions_fixed_scenes(demo):
     captions = [r.layers[0].caption for r in results]
     for scene, caption in zip(FIXED_SCENES, captions):
         assert score(caption, scene)["color_shape"], (scene.caption, caption)
-
-
-def test_interim_weights_caption_in_the_grammar_with_right_colours(demo):
-    """What the shipped interim weights do today: well-formed scene captions, colours partly right."""
-    items, truth = [], []
-    for i, scene in enumerate(FIXED_SCENES):
-        items.append(ImageItem(id=f"fixed{i}", source="test", data=png_bytes(render(scene, 123, i))))
-        truth.append(scene)
-    results = list(verbalize(demo, items, layers=[demo.num_layers - 1]))
-    captions = [r.layers[0].caption for r in results]
-    assert all(c.startswith("a ") and " background" in c for c in captions), captions
-    assert sum(score(c, s)["color"] for c, s in zip(captions, truth)) >= 1, captions
 
 
 def test_demo_command_writes_results_and_report(tmp_path):
@@ -75,10 +62,10 @@ def test_demo_command_writes_results_and_report(tmp_path):
     assert "ground truth" in (tmp_path / "report.md").read_text()
 
 
-def test_training_is_deterministic(tmp_path):
+def test_training_is_deterministic_with_or_without_loader_workers(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=4, warmup=1, threads=1, eval_every=2, eval_n=2)
     a = load_model(DEMO_MODEL, str(train(cfg, tmp_path / "a"))).model.state_dict()
-    b = load_model(DEMO_MODEL, str(train(cfg, tmp_path / "b"))).model.state_dict()
+    b = load_model(DEMO_MODEL, str(train(replace(cfg, workers=2), tmp_path / "b"))).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["config"]["steps"] == 2 and "eval_color_shape" in log[-1]

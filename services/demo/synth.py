@@ -123,13 +123,13 @@ def _background(rng: np.random.Generator, kind: str) -> Image.Image:
     plain = {"gray": (105, 150), "white": (225, 250), "black": (5, 35)}
     if kind in plain:
         return Image.new("RGB", (size, size), _gray(rng, *plain[kind]))
-    light, dark = _gray(rng, 175, 205), _gray(rng, 115, 145)  # striped: soft grey stripes
+    light, dark = _gray(rng, 175, 205)[0], _gray(rng, 115, 145)[0]  # striped: soft grey stripes
     period = int(rng.integers(6, 13)) * SUPERSAMPLE
-    yy, xx = np.mgrid[0:size, 0:size]
+    yy, xx = np.ogrid[0:size, 0:size]
     direction = int(rng.integers(0, 4))  # horizontal, vertical, two diagonals
     on = ((yy, xx, xx + yy, xx - yy + size)[direction] // period) % 2 == 0
-    pixels = np.where(on[..., None], np.array(light, np.uint8), np.array(dark, np.uint8))
-    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+    grey = np.broadcast_to(np.where(on, np.uint8(light), np.uint8(dark)), (size, size))
+    return Image.fromarray(np.ascontiguousarray(grey), "L").convert("RGB")
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:

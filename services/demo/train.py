@@ -1,10 +1,11 @@
 """Train the demo CoCa on streamed synthetic scenes with open_clip's own CoCa loss.
 
-Deterministic from the seed (for a given thread count and CPU): the model is initialised under
-`torch.manual_seed(seed)`, batch k holds training samples k*B .. k*B+B-1 of the synthetic seed `seed`
-(groups of `group` scenes sharing background and colours: hard negatives for the contrastive term),
-and nothing else draws random numbers. Held-out checks caption scenes of seed `seed + 1` greedily
-with open_clip's `generate`.
+Deterministic from the seed: the model is initialised under `torch.manual_seed(seed)`, batch k holds
+training samples k*B .. k*B+B-1 of the synthetic seed `seed` (groups of `group` scenes sharing
+background and colours: hard negatives for the contrastive term), rendered by loader workers or not,
+and nothing else draws random numbers. On a CPU the weights are bitwise reproducible for a given
+thread count and CPU type; on a GPU up to its atomic-add kernels (the embedding backward).
+Held-out checks caption scenes of seed `seed + 1` greedily with open_clip's `generate`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import open_clip
@@ -34,24 +36,34 @@ CHECKPOINT = f"{DEMO_MODEL}.safetensors"
 LOG = "train_log.jsonl"
 
 
+def _default_workers() -> int:
+    return max(0, min(14, (os.cpu_count() or 1) - 2))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """Defaults: the recipe of the shipped synth-v2 weights (docs/demo_model.md), ~7 min on one GPU."""
+
     seed: int = 0
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-3  # text tower and decoder: high, so the 49408-word vocabulary is tamed fast
-    vision_lr: float = 3e-4  # vision tower and pooler: from scratch, a ViT learns shapes faster at 3e-4 than 1e-3
-    warmup: int = 100
+    steps: int = 9700
+    batch_size: int = 256
+    lr: float = 2e-3  # text tower and decoder: high, so the 49408-word vocabulary is tamed fast
+    vision_lr: float = 5e-4  # vision tower and pooler: from scratch, a ViT learns shapes better at lower rates
+    warmup: int = 300
     weight_decay: float = 0.05
     caption_loss_weight: float = 2.0
     clip_loss_weight: float = 1.0
     group: int = 4  # scenes per batch that share background and colours (see synth.variant)
-    # One thread: on a shared 2-core machine, two OpenMP threads that must meet at every op's barrier
-    # ran 5-10x slower than one. The weights are reproducible for a given thread count and CPU.
+    # CPU threads for the model. One: on a shared 2-core machine, two OpenMP threads that must meet at
+    # every op's barrier ran 5-10x slower than one. CPU weights are reproducible per thread count and CPU.
     threads: int = 1
-    device: str = "cpu"  # or cuda / auto: faster, but not bitwise the shipped weights
+    device: str = "auto"  # cuda when there is one
+    # Processes rendering scenes ahead of the model (0: render in the training loop). A GPU step takes
+    # far less time than rendering its batch (~1.5 ms a scene), so use most CPU cores. Batches do not
+    # depend on it.
+    workers: int = field(default_factory=_default_workers)
     log_every: int = 25
-    eval_every: int = 400
+    eval_every: int = 1000
     eval_n: int = 64
 
 
@@ -71,7 +83,7 @@ def coca_loss(cfg: TrainConfig, pad_id: int) -> CoCaLoss:
     return loss
 
 
-def _optimizer(model: CoCa, cfg: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: CoCa, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     # open_clip's rule: no weight decay on gains, biases and the logit scale
     def exclude(n: str, p: torch.nn.Parameter) -> bool:
         return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
@@ -82,7 +94,7 @@ def _optimizer(model: CoCa, cfg: TrainConfig) -> torch.optim.AdamW:
         for decay in (True, False):
             groups.append({"params": [p for n, p in named if exclude(n, p) != decay], "lr": lr,
                            "weight_decay": cfg.weight_decay if decay else 0.0})
-    return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -110,6 +122,32 @@ def make_batch(preprocess, tokenizer, batch: list[tuple[Scene, Image.Image]]) ->
     images = torch.stack([preprocess(img) for _, img in batch])
     text = tokenizer([s.caption for s, _ in batch])
     return images, text[:, : int((text != 0).sum(1).max())]
+
+
+class TrainingBatches(torch.utils.data.Dataset):
+    """Item k is training batch k (images [B, 3, 64, 64], tokens [B, T]): the same whichever process
+    renders it, so the run is the same with or without loader workers."""
+
+    def __init__(self, cfg: TrainConfig, preprocess, tokenizer):
+        self.cfg, self.preprocess, self.tokenizer = cfg, preprocess, tokenizer
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.cfg.batch_size
+        return make_batch(self.preprocess, self.tokenizer, training_scenes(self.cfg.seed, k * b, b, self.cfg.group))
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # a loader worker renders; its torch ops are tiny
+
+
+def training_batches(cfg: TrainConfig, preprocess, tokenizer, pin: bool) -> torch.utils.data.DataLoader:
+    extra = {"prefetch_factor": 4, "persistent_workers": True} if cfg.workers else {}
+    return torch.utils.data.DataLoader(TrainingBatches(cfg, preprocess, tokenizer), batch_size=None,
+                                       num_workers=cfg.workers, pin_memory=pin, worker_init_fn=_one_thread,
+                                       **extra)
 
 
 def greedy_captions(model: CoCa, images: torch.Tensor) -> list[str]:
@@ -147,16 +185,15 @@ def train(cfg: TrainConfig, out: Path) -> Path:
     model.to(device)
     tokenizer = open_clip.get_tokenizer(DEMO_MODEL)
     loss_fn = coca_loss(cfg, model.pad_id)
-    opt = _optimizer(model, cfg)
+    opt = _optimizer(model, cfg, fused=device.type == "cuda")
+    batches = training_batches(cfg, preprocess, tokenizer, pin=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     model.train()
     t0 = time.perf_counter()
     with (out / LOG).open("w") as logf:
         logf.write(json.dumps({"config": asdict(cfg)}) + "\n")
-        for step in range(cfg.steps):
-            batch = training_scenes(cfg.seed, step * cfg.batch_size, cfg.batch_size, cfg.group)
-            images, text = make_batch(preprocess, tokenizer, batch)
-            o = model(images.to(device), text.to(device))
+        for step, (images, text) in enumerate(batches):
+            o = model(images.to(device, non_blocking=True), text.to(device, non_blocking=True))
             clip_loss, caption_loss = loss_fn(o["image_features"], o["text_features"], o["logits"],
                                               o["labels"], o["logit_scale"])
             loss = clip_loss + caption_loss
@@ -218,7 +255,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"writes {CHECKPOINT}, {LOG} and loss.png here")
     p.add_argument("--seed", type=int, default=d.seed, help="model init and training scenes")
     for name in ("steps", "batch_size", "lr", "vision_lr", "warmup", "caption_loss_weight", "clip_loss_weight", "group",
-                 "threads", "device", "eval_every"):
+                 "threads", "device", "workers", "eval_every"):
         default = getattr(d, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
                        help=f"default {default}")
