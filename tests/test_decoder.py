@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from services.decoder.linear import PACK_ROWS, Linear, can_pack
 from services.decoder.stage import caption_layers, decode
 from services.encoder.stage import check_layers, encode
 from shared.schemas import DecodeParams
@@ -70,6 +71,18 @@ def test_caption_alone_equals_caption_in_a_batch_of_64_mixed_layers(tiny, latent
         alone = decode(tiny, mixed[i : i + 1], DecodeParams())[0]
         assert alone.tokens == batch[i].tokens
         assert alone.entropy == pytest.approx(batch[i].entropy, abs=1e-4)
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="needs a PyTorch built with MKL")
+def test_packed_products_match_linear_and_do_not_depend_on_the_other_rows():
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(PACK_ROWS, 1, 64, generator=g)
+    lin = Linear(w, b)
+    assert lin.packed is not None
+    together = lin(x)  # [16, 1, 96]
+    assert torch.allclose(together, torch.nn.functional.linear(x, w, b), atol=1e-5)
+    assert all(torch.equal(lin(x[i : i + 1]), together[i : i + 1]) for i in (0, 7, PACK_ROWS - 1))
+    assert torch.allclose(lin(torch.cat([x, x])), torch.cat([together, together]))  # more rows: the plain path
 
 
 @pytest.fixture()

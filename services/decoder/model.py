@@ -18,12 +18,17 @@ Shapes: B rows, D width, H heads, Dh = D / H, S positions, N image tokens, V voc
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from open_clip.coca_model import CoCa
 from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
 
 from services.decoder.kv_cache import KVCache
+from services.decoder.linear import Linear
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: k, v [B, H, N, Dh]
 
@@ -40,30 +45,66 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, S, H * Dh)
 
 
-def _mlp(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+@dataclass
+class _Block:
+    """One of open_clip's ResidualAttentionBlocks as a step uses it: its norms and layer scales, and its
+    products as `Linear`s. `attn_in` is the whole q/k/v projection [3D, D] for self-attention and only
+    the q part [D, D] for cross-attention (the image keys/values are projected once, in `cross_kv`)."""
+
+    heads: int
+    ln_1: nn.Module
+    ln_2: nn.Module
+    ls_1: nn.Module
+    ls_2: nn.Module
+    act: nn.Module
+    attn_in: Linear
+    attn_out: Linear
+    fc: Linear
+    proj: Linear
+
+    @classmethod
+    def of(cls, block: ResidualAttentionBlock, q_only: bool = False) -> _Block:
+        mha, mlp = block.attn, block.mlp
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        if q_only:
+            w, b = w.chunk(3)[0], b.chunk(3)[0]
+        return cls(mha.num_heads, block.ln_1, block.ln_2, block.ls_1, block.ls_2, mlp.gelu, Linear(w, b),
+                   Linear(mha.out_proj.weight, mha.out_proj.bias), Linear(mlp.c_fc.weight, mlp.c_fc.bias),
+                   Linear(mlp.c_proj.weight, mlp.c_proj.bias))
+
+    def attention_out(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Residual add of the attention output [B, H, 1, Dh], then the MLP: -> x [B, 1, D]."""
+        x = x + self.ls_1(self.attn_out(_merge(attended)))
+        return x + self.ls_2(self.proj(self.act(self.fc(self.ln_2(x)))))
 
 
-def _self_attention(block: ResidualAttentionBlock, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+def _self_attention(block: _Block, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
     """x [B, 1, D] at position `pos` attends to positions 0..pos (causal by construction)."""
-    mha = block.attn
-    q, k, v = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-    k_all, v_all = cache.update(pos, _heads(k, mha.num_heads), _heads(v, mha.num_heads))  # [B, H, pos+1, Dh]
-    out = F.scaled_dot_product_attention(_heads(q, mha.num_heads), k_all, v_all)  # [B, H, 1, Dh]
-    return _mlp(block, x + block.ls_1(mha.out_proj(_merge(out))))
+    q, k, v = block.attn_in(block.ln_1(x)).chunk(3, dim=-1)
+    k_all, v_all = cache.update(pos, _heads(k, block.heads), _heads(v, block.heads))  # [B, H, pos+1, Dh]
+    return block.attention_out(x, F.scaled_dot_product_attention(_heads(q, block.heads), k_all, v_all))
 
 
-def _cross_attention(block: ResidualAttentionBlock, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _cross_attention(block: _Block, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """x [B, 1, D] attends to the image tokens' precomputed k, v [B, H, N, Dh]."""
-    mha = block.attn
-    w_q, b_q = mha.in_proj_weight.chunk(3)[0], mha.in_proj_bias.chunk(3)[0]
-    q = _heads(F.linear(block.ln_1(x), w_q, b_q), mha.num_heads)  # [B, H, 1, Dh]
-    out = F.scaled_dot_product_attention(q, k, v)
-    return _mlp(block, x + block.ls_1(mha.out_proj(_merge(out))))
+    q = _heads(block.attn_in(block.ln_1(x)), block.heads)  # [B, H, 1, Dh]
+    return block.attention_out(x, F.scaled_dot_product_attention(q, k, v))
 
 
 class TextDecoder:
-    """Incremental view of a CoCa model's text tower + multimodal decoder (weights shared, not copied)."""
+    """Incremental view of a CoCa model's text tower + multimodal decoder. It uses the model's weights
+    (on CPU also packed copies of them, see `linear`); `TextDecoder.of(model)` keeps one per model."""
+
+    _made: weakref.WeakKeyDictionary[CoCa, tuple[int, TextDecoder]] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, coca: CoCa) -> TextDecoder:
+        """The model's decoder, made again if a text-side weight changed in place since."""
+        version = sum(p._version for p in (*coca.text.parameters(), *coca.text_decoder.parameters()))
+        made = cls._made.get(coca)
+        if made is None or made[0] != version:
+            made = cls._made[coca] = (version, cls(coca))
+        return made[1]
 
     def __init__(self, coca: CoCa) -> None:
         self.text, self.decoder = coca.text, coca.text_decoder
@@ -71,6 +112,10 @@ class TextDecoder:
         if not all(type(b) is ResidualAttentionBlock for b in blocks):
             raise ValueError("only open_clip's default attention blocks are supported by the cached decoder")
         self.max_len = self.text.context_length
+        self.text_blocks = [_Block.of(b) for b in self.text.transformer.resblocks]
+        self.self_blocks = [_Block.of(b) for b in self.decoder.resblocks]
+        self.cross_blocks = [_Block.of(b, q_only=True) for b in self.decoder.cross_attn]
+        self.vocab = Linear(self.decoder.text_projection.t())  # [V, D]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,14 +142,12 @@ class TextDecoder:
 
     def step(self, tokens: torch.Tensor, pos: int, caches: list[KVCache], cross: CrossKV) -> torch.Tensor:
         """tokens [B] at position `pos` -> next-token logits [B, V] (float32)."""
-        n_text = len(self.text.transformer.resblocks)
+        n_text = len(self.text_blocks)
         x = self.text.token_embedding(tokens)[:, None].to(self.dtype)  # [B, 1, D]
         x = x + self.text.positional_embedding[pos].to(self.dtype)
-        for block, cache in zip(self.text.transformer.resblocks, caches[:n_text]):
+        for block, cache in zip(self.text_blocks, caches[:n_text]):
             x = _self_attention(block, x, cache, pos)
         # CoCa feeds the text tower's states to the decoder without ln_final.
-        for block, xblock, cache, (k, v) in zip(self.decoder.resblocks, self.decoder.cross_attn,
-                                                 caches[n_text:], cross):
+        for block, xblock, cache, (k, v) in zip(self.self_blocks, self.cross_blocks, caches[n_text:], cross):
             x = _cross_attention(xblock, _self_attention(block, x, cache, pos), k, v)
-        x = self.decoder.ln_final(x[:, 0])  # [B, D]
-        return (x @ self.decoder.text_projection).float()  # [B, V]
+        return self.vocab(self.decoder.ln_final(x[:, 0])).float()  # [B, V]

@@ -48,7 +48,7 @@ def decode(
 ) -> list[Decoded]:
     """latents [R, N, D] -> R captions. `row_keys` [R] (int64) identify rows for seeded sampling
     (default: the row index); give the same key to get the same sampled caption in any batch."""
-    decoder = TextDecoder(lm.model)
+    decoder = TextDecoder.of(lm.model)
     if params.seq_len > decoder.max_len:
         raise ValueError(f"seq_len {params.seq_len} exceeds the text tower's {decoder.max_len} positions")
     R = latents.shape[0]

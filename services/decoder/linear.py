@@ -1,0 +1,50 @@
+"""The decoder's matrix products, y = x @ W^T + b, with weights packed for few rows on CPU.
+
+A decoding step multiplies a handful of rows (the captions of a batch) by every weight matrix of the
+text side: coca_ViT-B-32 reads ~0.6 GB of fp32 weights per step for little arithmetic, so a step is
+as fast as the weights stream from memory. On a 2-core Xeon, MKL's ordinary sgemm streamed them at
+~7 GB/s for 8-16 rows; weights packed once for exactly PACK_ROWS rows (MKL's sgemm_pack, reached
+through `torch.ops.mkl`, as torch.compile's CPU backend does) stream at 12-13 GB/s. MKL uses the
+packed form only for the row count it was packed for, so fewer rows are zero-padded to PACK_ROWS;
+more rows (a large batch, where the product is bound by arithmetic, not memory) take the ordinary
+path. Measured on coca_ViT-B-32, 8 captions x 29 steps, interleaved runs: 2.49 s packed vs 3.0 s plain
+(same tokens). The price is a packed copy of the text-side weights in memory (533 MB for
+coca_ViT-B-32), made once per model by `TextDecoder.of`.
+
+Packing needs an fp32 CPU model and a PyTorch built with MKL (x86); elsewhere (GPU, bf16, ARM) every
+product is the ordinary `F.linear`. In the packed path a row's result does not depend on the other
+rows, bit for bit; the two paths differ in the last bits, as any two GEMM kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PACK_ROWS = 16
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkl.is_available()
+        and hasattr(torch.ops.mkl, "_mkl_linear")
+    )
+
+
+class Linear:
+    """x [..., K] -> [..., N] with weight [N, K] and optional bias [N]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight, self.bias = weight, bias
+        self.packed = (torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+                       if can_pack(weight) else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.packed is None or rows > PACK_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        padded = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, PACK_ROWS - rows))  # [PACK_ROWS, K]
+        y = torch.ops.mkl._mkl_linear(padded, self.packed, self.weight, self.bias, PACK_ROWS)
+        return y[:rows].view(*x.shape[:-1], y.shape[-1])
