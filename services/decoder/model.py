@@ -9,7 +9,8 @@ position to the 49408-word vocabulary and re-projects the image tokens to cross-
 values in every layer. Here each step feeds ONE token per row:
   - self-attention keys/values of earlier positions come from a KVCache per layer;
   - cross-attention keys/values of the image tokens are computed once per batch (`cross_kv`);
-  - only the new position is projected to the vocabulary.
+  - only the new position is projected to the vocabulary;
+  - every product with a weight goes through `linear.Linear` (on CPU, weights packed for few rows).
 The text tower's appended cls token (`embed_cls`) sits after the caption and, under the causal mask,
 cannot change the caption positions, so it is left out. Padding masks are not needed either: a
 row's prefix never holds the pad id 0, because a row that emits it is finished (as in open_clip).
