@@ -263,6 +263,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    if resolve_device(cfg.device).type == "cpu" and cfg.steps * cfg.batch_size > 200_000:
+        log.warning("training %d x %d images on the CPU takes many hours (~30 images/s on 2 cores); "
+                    "docs/demo_model.md 'On a CPU' gives a 30-minute recipe (a weaker model)",
+                    cfg.steps, cfg.batch_size)
     path = train(cfg, args.out)
     plot_losses(args.out / LOG, args.out / "loss.png")
     print(f"weights: {path}\nlog: {args.out / LOG}\nloss curve: {args.out / 'loss.png'}")
