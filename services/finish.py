@@ -1,6 +1,10 @@
 """A job's outputs, written by whichever task finished its last chunk: results.jsonl (every chunk's
 lines in chunk order), the summary and figures (the categorizer's analysis and report when the job was
-categorized; per-layer entropy only when it was not). Safe to run twice: every file is replaced whole."""
+categorized; per-layer entropy, as summary.json and entropy.png, when it was not). Safe to run twice:
+every file is replaced whole.
+
+The report modules are imported inside the functions: matplotlib and the analysis load only in the
+process that finishes a job."""
 
 from __future__ import annotations
 
@@ -29,14 +33,13 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> str | None:
     if job.options.categorize:
         files = _categorized_report(captioned, staging, extra)
     else:
-        files = [_entropy_summary(captioned, staging, extra)]
+        files = _entropy_summary(captioned, staging, extra)
     store.publish(job.id, files)
     shutil.rmtree(staging, ignore_errors=True)
     return None
 
 
 def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict) -> list[Path]:
-    # Imported here: matplotlib and the analysis load only where categorized jobs finish.
     from services.categorizer.analysis import analyze
     from services.categorizer.report import write_report
     from services.categorizer.worker import LabeledResult
@@ -50,8 +53,10 @@ def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict) -> 
     return write_report(analyze(labels, entropies), out_dir, extra)
 
 
-def _entropy_summary(results: Sequence[dict], out_dir: Path, extra: dict) -> Path:
-    """summary.json of an uncategorized job: per layer, its captions and their mean entropy."""
+def _entropy_summary(results: Sequence[dict], out_dir: Path, extra: dict) -> list[Path]:
+    """summary.json and entropy.png of an uncategorized job: per layer, its captions and their mean entropy."""
+    from services.categorizer.report import plot_entropy
+
     entropies: dict[int, list[float]] = {}
     for raw in results:
         for layer in ImageResult.model_validate(raw).layers:
@@ -60,7 +65,8 @@ def _entropy_summary(results: Sequence[dict], out_dir: Path, extra: dict) -> Pat
               for layer, values in sorted(entropies.items())]
     path = out_dir / "summary.json"
     path.write_text(json.dumps({"layers": layers, **extra}, indent=1))
-    return path
+    figure = plot_entropy([r["layer"] for r in layers], [r["mean_entropy"] for r in layers], out_dir / "entropy.png")
+    return [path, figure]
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -115,6 +115,10 @@ def test_shard_job(stack):
     for r in lines:
         assert_captioned(r, categorized=False)
     assert api.get(f"/v1/jobs/{job['id']}/figure.png").status_code == 404  # not categorized
+    assert api.get(f"/v1/jobs/{job['id']}/entropy.png").content.startswith(b"\x89PNG")
+    summary = api.get(f"/v1/jobs/{job['id']}/summary").json()
+    assert [layer["layer"] for layer in summary["layers"]] == LAYERS
+    assert all(layer["captions"] == 2 and layer["mean_entropy"] > 0 for layer in summary["layers"])
 
 
 def test_shard_of_broken_images_fails_the_job(stack):

@@ -249,17 +249,21 @@ def test_refused_upload_shows_the_servers_reason(page):
     expect(page.locator("#submit-button")).to_be_enabled()
 
 
-def test_large_job_pages_through_images_and_shows_per_image_errors(page):
+def test_large_uncategorized_job_pages_through_images_and_shows_per_image_errors(page):
     page.goto("/")
     expect(page.locator("#model-info")).to_contain_text("coca_tiny")
     page.click("#options-panel > summary")
     page.fill("#opt-layers", "-1")
+    page.uncheck("#opt-categorize")
     files = [{"name": f"img-{i}.png", "mimeType": "image/png", "buffer": image_bytes(i)} for i in range(7)]
     # A PNG by its content that does not decode: the job succeeds for the others and names this one.
     files.insert(3, {"name": "broken.png", "mimeType": "image/png", "buffer": image_bytes(99)[:80]})
     submit_files(page, files)
     wait_succeeded(page)
     expect(page.locator("#job-images")).to_contain_text("1 unusable")
+    # Not categorized: no class figure, but the entropy figure.
+    expect(page.locator("#figure-img")).to_have_count(0)
+    page.wait_for_function(IMAGE_LOADED, arg="#entropy-img")
     page.select_option("#page-size", "5")
     pager = page.locator(".pager-top")
     expect(pager.locator(".page-info")).to_have_text("Images 1–5 of 8")

@@ -28,7 +28,7 @@ def write_report(analysis: Analysis, out_dir: Path, extra: dict | None = None) -
         _plot_classes(analysis, taxonomy, out_dir / "figure.png"),
     ]
     if analysis.mean_entropy is not None:
-        paths.append(_plot_entropy(analysis, out_dir / "entropy.png"))
+        paths.append(plot_entropy(analysis.layers, analysis.mean_entropy, out_dir / "entropy.png"))
     summary = out_dir / "summary.json"
     summary.write_text(json.dumps({**_summary(analysis, taxonomy), **(extra or {})}, indent=1, allow_nan=False))
     return [*paths, summary]
@@ -63,9 +63,10 @@ def _plot_classes(analysis: Analysis, taxonomy: Taxonomy, path: Path) -> Path:
     return path
 
 
-def _plot_entropy(analysis: Analysis, path: Path) -> Path:
+def plot_entropy(layers: list[int], mean_entropy: list[float | None], path: Path) -> Path:
+    """Mean caption entropy (bits) per layer; a layer without a value is a gap."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(analysis.layers, analysis.mean_entropy, marker="o")
+    ax.plot(layers, [math.nan if v is None else v for v in mean_entropy], marker="o")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="encoder layer", ylabel="mean token entropy (bits)", title="Decoder uncertainty per layer")
     ax.grid(alpha=0.3)

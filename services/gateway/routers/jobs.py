@@ -62,7 +62,7 @@ _SUBMIT_BODY = {
 OUTPUTS = {  # endpoint file -> (media type, needs categorization)
     "summary.json": ("application/json", False),
     "figure.png": ("image/png", True),
-    "entropy.png": ("image/png", True),
+    "entropy.png": ("image/png", False),
     "distribution.csv": ("text/csv", True),
 }
 

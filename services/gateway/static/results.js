@@ -77,7 +77,7 @@ export class ResultsView {
       { href: links.summary, name: `${short}-summary.json`, label: "Summary", kind: ".json" },
       categorized && { href: links.distribution, name: `${short}-distribution.csv`, label: "Distribution", kind: ".csv" },
       categorized && { href: links.figure, name: `${short}-figure.png`, label: "Class figure", kind: ".png" },
-      categorized && { href: links.entropy, name: `${short}-entropy.png`, label: "Entropy figure", kind: ".png" },
+      { href: links.entropy, name: `${short}-entropy.png`, label: "Entropy figure", kind: ".png" },
     ].filter(Boolean);
     const images = this.state.records.length;
     const failed = this.state.records.filter((r) => r.error).length;
@@ -96,16 +96,14 @@ export class ResultsView {
               h("span", { "aria-hidden": "true", class: "icon" }, "↓"), h("span", { class: "visually-hidden" }, "Download "),
               d.label, h("span", { class: "kind" }, d.kind))))),
     );
-    if (categorized) {
-      panel.append(
-        h("div", { class: "figures" },
-          this.figure(links.figure, "figure-img", "Mean percentage of each class per layer",
-            "Stacked area chart: for each encoder layer, the mean share of caption phrases whose main label falls in each class.",
-            this.legend(summary, palette)),
-          this.figure(links.entropy, "entropy-img", "Mean caption entropy per layer",
-            "Line chart: mean token entropy in bits of the captions of each encoder layer.", null)),
-      );
-    }
+    panel.append(
+      h("div", { class: "figures" },
+        categorized && this.figure(links.figure, "figure-img", "Mean percentage of each class per layer",
+          "Stacked area chart: for each encoder layer, the mean share of caption phrases whose main label falls in each class.",
+          this.legend(summary, palette)),
+        this.figure(links.entropy, "entropy-img", "Mean caption entropy per layer",
+          "Line chart: mean token entropy in bits of the captions of each encoder layer.", null)),
+    );
     if (summary && summary.layers) panel.append(this.layerTable(summary, palette));
     return panel;
   }
