@@ -82,7 +82,9 @@ def test_packed_products_match_linear_and_do_not_depend_on_the_other_rows():
     together = lin(x)  # [16, 1, 96]
     assert torch.allclose(together, torch.nn.functional.linear(x, w, b), atol=1e-5)
     assert all(torch.equal(lin(x[i : i + 1]), together[i : i + 1]) for i in (0, 7, PACK_ROWS - 1))
-    assert torch.allclose(lin(torch.cat([x, x])), torch.cat([together, together]))  # more rows: the plain path
+    assert torch.equal(lin(torch.cat([x, x[:5]])), torch.cat([together, together[:5]]))  # 21 rows: 2 packed chunks
+    many = torch.cat([x] * 4)  # more than MAX_PACKED_ROWS: the plain path
+    assert torch.allclose(lin(many), torch.cat([together] * 4), atol=1e-5)
 
 
 @pytest.fixture()
