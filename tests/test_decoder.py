@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from services.decoder.linear import PACK_ROWS, Linear, can_pack
+from services.decoder.model import TextDecoder
 from services.decoder.stage import caption_layers, decode
 from services.encoder.stage import check_layers, encode
+from shared.models import load_model
 from shared.schemas import DecodeParams
 
 SOT, EOT, PAD = 49406, 49407, 0
@@ -85,6 +87,14 @@ def test_packed_products_match_linear_and_do_not_depend_on_the_other_rows():
     assert torch.equal(lin(torch.cat([x, x[:5]])), torch.cat([together, together[:5]]))  # 21 rows: 2 packed chunks
     many = torch.cat([x] * 4)  # more than MAX_PACKED_ROWS: the plain path
     assert torch.allclose(lin(many), torch.cat([together] * 4), atol=1e-5)
+
+
+def test_one_decoder_per_model_made_again_when_its_weights_change():
+    model = load_model("coca_tiny").model
+    decoder = TextDecoder.of(model)
+    assert TextDecoder.of(model) is decoder
+    model.to(torch.bfloat16)  # new weight tensors: packed fp32 copies would be stale
+    assert TextDecoder.of(model) is not decoder and TextDecoder.of(model).vocab.packed is None
 
 
 @pytest.fixture()

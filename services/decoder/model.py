@@ -96,15 +96,16 @@ class TextDecoder:
     """Incremental view of a CoCa model's text tower + multimodal decoder. It uses the model's weights
     (on CPU also packed copies of them, see `linear`); `TextDecoder.of(model)` keeps one per model."""
 
-    _made: weakref.WeakKeyDictionary[CoCa, tuple[int, TextDecoder]] = weakref.WeakKeyDictionary()
+    _made: weakref.WeakKeyDictionary[CoCa, tuple[tuple, TextDecoder]] = weakref.WeakKeyDictionary()
 
     @classmethod
     def of(cls, coca: CoCa) -> TextDecoder:
-        """The model's decoder, made again if a text-side weight changed in place since."""
-        version = sum(p._version for p in (*coca.text.parameters(), *coca.text_decoder.parameters()))
+        """The model's decoder, made again if a text-side weight changed since (in place, moved to
+        another device or dtype, or replaced)."""
+        stamp = tuple((p.data_ptr(), p._version) for p in (*coca.text.parameters(), *coca.text_decoder.parameters()))
         made = cls._made.get(coca)
-        if made is None or made[0] != version:
-            made = cls._made[coca] = (version, cls(coca))
+        if made is None or made[0] != stamp:
+            made = cls._made[coca] = (stamp, cls(coca))
         return made[1]
 
     def __init__(self, coca: CoCa) -> None:
