@@ -33,6 +33,8 @@ def labeler(tmp_path_factory) -> EmbeddedLabeler:
         ("on", "position"),
         ("next to", "position"),
         ("in front of", "position"),
+        ("left of", "position"),
+        ("to the right of", "position"),
         ("red", "color"),
         ("a white road", "color"),  # a colour names the phrase
         ("in a white shirt", "clothing"),  # except for garments
@@ -72,6 +74,8 @@ def test_secondary_labels_come_from_the_other_words(labeler):
             ["a woman", "sitting", "at a desk", "with a plate", "of food"],
         ),
         ("a man standing in front of a red bus", ["a man", "standing", "in front of", "a red bus"]),
+        ("a large red circle left of a small blue square on a striped background",
+         ["a large red circle", "left of", "a small blue square", "on a striped background"]),
         # word salad: every word alone, repeats kept, punctuation dropped, "and" alone
         (
             "winter swing winter and winter - winter blue",

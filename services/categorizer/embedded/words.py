@@ -50,8 +50,12 @@ MIN_WORD_LENGTH = 3
 PARTICLES = frozenset("up down out off away back over".split())
 # Spatial expressions that make a phrase of their own, longest first.
 SPATIAL_EXPRESSIONS = (
+    ("to", "the", "left", "of"),
+    ("to", "the", "right", "of"),
     ("in", "front", "of"),
     ("on", "top", "of"),
+    ("left", "of"),
+    ("right", "of"),
     ("next", "to"),
     ("close", "to"),
     ("near",),
