@@ -25,7 +25,7 @@ from services.finish import write_outputs
 from shared.artifacts import ArtifactStore
 from shared.jobs import JobRecord, JobStatus, JobStore
 from shared.models import LoadedModel
-from shared.queue import connect, enqueue
+from shared.queue import connect, enqueue, fail_job
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,6 @@ class ChunkOutcome:
     failed_images: int = 0  # images found unusable at this stage
 
 
-def next_stage(job: JobRecord, stage: str) -> str | None:
-    if stage == "encode":
-        return "decode"
-    if stage == "decode" and job.options.categorize:
-        return "categorize"
-    return None
-
-
 def run_chunk(stage: str, job_id: str, chunk: int, work: Callable[[Context, JobRecord], ChunkOutcome]) -> None:
     ctx = context()
     job = ctx.jobs.begin(job_id)
@@ -86,10 +78,10 @@ def run_chunk(stage: str, job_id: str, chunk: int, work: Callable[[Context, JobR
     try:
         outcome = work(ctx, job)
     except ValueError as e:
-        fail_job(ctx, job_id, f"{stage} of chunk {chunk}: {e}")
+        fail_job(ctx.jobs, ctx.store, ctx.settings, job_id, f"{stage} of chunk {chunk}: {e}")
         return
     seconds = time.perf_counter() - t0
-    if (following := next_stage(job, stage)) is not None:
+    if (following := job.next_stage(stage)) is not None:
         enqueue(ctx.client, ctx.settings, following, job_id, [chunk])
     done = ctx.jobs.chunk_done(job_id, stage, chunk, outcome.images, seconds, outcome.failed_images)
     log.info("chunk done", extra={"job": job_id, "stage": stage, "chunk": chunk, "images": outcome.images,
@@ -103,13 +95,6 @@ def run_chunk(stage: str, job_id: str, chunk: int, work: Callable[[Context, JobR
 def finish_job(ctx: Context, job: JobRecord) -> None:
     """The last chunk is done: write the job's outputs, then end it."""
     if (failure := write_outputs(ctx.store, job)) is not None:
-        fail_job(ctx, job.id, failure)
+        fail_job(ctx.jobs, ctx.store, ctx.settings, job.id, failure)
     elif ctx.jobs.finish(job.id, JobStatus.succeeded) and not ctx.settings.keep_artifacts:
         ctx.store.delete_intermediates(job.id)
-
-
-def fail_job(ctx: Context, job_id: str, reason: str) -> None:
-    if ctx.jobs.finish(job_id, JobStatus.failed, reason):
-        log.error("job failed", extra={"job": job_id, "reason": reason})
-        if not ctx.settings.keep_artifacts:
-            ctx.store.delete_intermediates(job_id)

@@ -80,8 +80,17 @@ class JobRecord(BaseModel):
     stage_seconds: dict[str, float] = Field(default_factory=dict, description="summed over chunks")
 
     @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this job's chunks go through, in order."""
+        return STAGES if self.options.categorize else STAGES[:2]
+
+    def next_stage(self, stage: str) -> str | None:
+        following = self.stages[self.stages.index(stage) + 1 :]
+        return following[0] if following else None
+
+    @property
     def final_stage(self) -> str:
-        return "categorize" if self.options.categorize else "decode"
+        return self.stages[-1]
 
 
 def new_job_id() -> str:

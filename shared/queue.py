@@ -106,10 +106,15 @@ def on_task_failure(task: Job, connection: redis.Redis, exc_type, exc, _tracebac
         cause = f"{exc_type.__name__}: {exc}"
     settings = get_settings()
     reason = f"{task.origin} of chunk {chunk} failed after {settings.task_retries + 1} tries: {cause}"
-    if JobStore(connection, settings.job_ttl_s).finish(job_id, JobStatus.failed, reason):
+    fail_job(JobStore(connection, settings.job_ttl_s), ArtifactStore(settings.artifact_dir), settings, job_id, reason)
+
+
+def fail_job(jobs: JobStore, store: ArtifactStore, settings: Settings, job_id: str, reason: str) -> None:
+    """End an active job as failed with `reason` and drop its intermediates (unless kept)."""
+    if jobs.finish(job_id, JobStatus.failed, reason):
         log.error("job failed", extra={"job": job_id, "reason": reason})
         if not settings.keep_artifacts:
-            ArtifactStore(settings.artifact_dir).delete_intermediates(job_id)
+            store.delete_intermediates(job_id)
 
 
 def queue_depths(client: redis.Redis) -> dict[str, dict[str, int]]:

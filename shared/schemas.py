@@ -49,3 +49,18 @@ class ImageResult(BaseModel):
     meta: dict | None = Field(None, description="key.json / key.txt carried through from a shard")
     layers: list[LayerCaption] | None = None
     error: str | None = None
+
+
+def resolve_layers(layers: list[int] | None, n: int) -> list[int]:
+    """Block indices of an n-block vision tower (negative ones count from the end); None means every
+    block. Raises ValueError for a block that does not exist or a repeated one."""
+    if layers is None:
+        return list(range(n))
+    out = []
+    for i in layers:
+        if not -n <= i < n:
+            raise ValueError(f"layer {i} does not exist: the vision tower has blocks 0..{n - 1}")
+        out.append(i % n)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers repeat: {layers}")
+    return out

@@ -18,6 +18,7 @@ from open_clip.transformer import VisionTransformer
 
 from shared.images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, decode_image
 from shared.models import LoadedModel
+from shared.schemas import resolve_layers
 
 
 def load_pixels(
@@ -41,18 +42,8 @@ def load_pixels(
 
 
 def check_layers(visual: VisionTransformer, layers: list[int] | None) -> list[int]:
-    """Validate block indices (negative ones count from the end); None means every block."""
-    n = len(visual.transformer.resblocks)
-    if layers is None:
-        return list(range(n))
-    out = []
-    for i in layers:
-        if not -n <= i < n:
-            raise ValueError(f"layer {i} does not exist: the vision tower has blocks 0..{n - 1}")
-        out.append(i % n)
-    if len(set(out)) != len(out):
-        raise ValueError(f"layers repeat: {layers}")
-    return out
+    """`resolve_layers` for this vision tower."""
+    return resolve_layers(layers, len(visual.transformer.resblocks))
 
 
 @torch.inference_mode()

@@ -31,6 +31,7 @@ from services.gateway.uploads import (
 )
 from shared.jobs import ACTIVE, JobOptions, JobRecord, JobStatus, new_job_id
 from shared.queue import cancel_queued
+from shared.schemas import resolve_layers
 from shared.taxonomy import load_taxonomy
 
 Job = Annotated[JobRecord, Depends(find_job)]  # the job named by the path's {job_id}, or 404
@@ -103,11 +104,10 @@ def _checked_options(options: JobOptions, gw: Gateway) -> JobOptions:
     n, max_len = gw.model.layers, gw.model.max_seq_len
     layers = options.layers
     if layers is not None and n is not None:
-        if bad := [i for i in layers if not -n <= i < n]:
-            raise HTTPException(422, f"bad options at layers: {bad} do not exist ({gw.model.name}: 0..{n - 1})")
-        layers = [i % n for i in layers]
-        if len(set(layers)) != len(layers):
-            raise HTTPException(422, f"bad options at layers: layers repeat: {options.layers}")
+        try:
+            layers = resolve_layers(layers, n)
+        except ValueError as e:
+            raise HTTPException(422, f"bad options at layers: {e} ({gw.model.name})") from e
     if max_len is not None and options.decode.seq_len > max_len:
         raise HTTPException(422, f"bad options at decode.seq_len: {gw.model.name} allows at most {max_len}")
     return options.model_copy(update={"layers": layers, "backend": options.backend or gw.settings.categorizer_backend})
