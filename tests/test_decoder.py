@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from services.decoder.linear import PACK_ROWS, Linear, can_pack
+from services.decoder.linear import Linear, can_reorder
 from services.decoder.model import TextDecoder
 from services.decoder.stage import caption_layers, decode
 from services.encoder.stage import check_layers, encode
@@ -56,6 +57,38 @@ def test_greedy_matches_full_recompute_reference(tiny, latents):
     assert [d.tokens for d in ours] == reference_greedy(tiny.model, latents[-1], 12, 5)
 
 
+@pytest.fixture(scope="module")
+def trained_like():
+    """coca_tiny with random scales and shifts in every norm and random biases, as trained weights have
+    them: random init leaves norms at 1 and 0 and biases at 0, which would hide a mistake in how the
+    cached decoder folds the image-side norm and projections into its cross-attention."""
+    lm = load_model("coca_tiny")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in lm.model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=g))
+        for name, p in lm.model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return lm
+
+
+def test_step_logits_match_open_clip_decoder_with_trained_like_weights(trained_like, latents):
+    image_tokens, prefix = latents[-1], [SOT, 320, 1929, 539]  # [6, 8, 48]; any tokens will do
+    decoder = TextDecoder.of(trained_like.model)
+    caches = decoder.new_caches(len(image_tokens), len(prefix), image_tokens.device)
+    keys = decoder.image_keys(image_tokens)
+    with torch.inference_mode():
+        for pos, token in enumerate(prefix):
+            ours = decoder.step(torch.full((len(image_tokens),), token), pos, caches, keys)
+        _, token_embs = trained_like.model._encode_text(torch.tensor([prefix] * len(image_tokens)))
+        expected = trained_like.model.text_decoder(image_tokens, token_embs)[:, -1]
+    assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4)
+    greedy = decode(trained_like, image_tokens, DecodeParams(seq_len=12))
+    assert [d.tokens for d in greedy] == reference_greedy(trained_like.model, image_tokens, 12, 5)
+
+
 @pytest.mark.parametrize("seq_len,min_seq_len,penalty", [(30, 5, 1.0), (9, 3, 1.0), (16, 5, 1.3)])
 def test_greedy_matches_open_clip_generate(tiny, pixels, latents, seq_len, min_seq_len, penalty):
     expected = tiny.model.generate(pixels, generation_type="top_k", top_k=1, seq_len=seq_len,
@@ -75,26 +108,24 @@ def test_caption_alone_equals_caption_in_a_batch_of_64_mixed_layers(tiny, latent
         assert alone.entropy == pytest.approx(batch[i].entropy, abs=1e-4)
 
 
-@pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="needs a PyTorch built with MKL")
-def test_packed_products_match_linear_and_do_not_depend_on_the_other_rows():
+@pytest.mark.skipif(not can_reorder(torch.zeros(1)), reason="needs a PyTorch built with oneDNN (mkldnn)")
+def test_reordered_products_match_linear_and_do_not_depend_on_the_other_rows():
     g = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(PACK_ROWS, 1, 64, generator=g)
+    w, b, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(300, 1, 64, generator=g)
     lin = Linear(w, b)
-    assert lin.packed is not None
-    together = lin(x)  # [16, 1, 96]
+    assert lin.reordered is not None
+    together = lin(x)  # [300, 1, 96]
     assert torch.allclose(together, torch.nn.functional.linear(x, w, b), atol=1e-5)
-    assert all(torch.equal(lin(x[i : i + 1]), together[i : i + 1]) for i in (0, 7, PACK_ROWS - 1))
-    assert torch.equal(lin(torch.cat([x, x[:5]])), torch.cat([together, together[:5]]))  # 21 rows: 2 packed chunks
-    many = torch.cat([x] * 4)  # more than MAX_PACKED_ROWS: the plain path
-    assert torch.allclose(lin(many), torch.cat([together] * 4), atol=1e-5)
+    for rows in (1, 7, 8, 16, 17, 64, 256):  # a row's result is the same bit for bit in any batch
+        assert torch.equal(lin(x[-rows:]), together[-rows:])
 
 
 def test_one_decoder_per_model_made_again_when_its_weights_change():
     model = load_model("coca_tiny").model
     decoder = TextDecoder.of(model)
     assert TextDecoder.of(model) is decoder
-    model.to(torch.bfloat16)  # new weight tensors: packed fp32 copies would be stale
-    assert TextDecoder.of(model) is not decoder and TextDecoder.of(model).vocab.packed is None
+    model.to(torch.bfloat16)  # new weight tensors: reordered fp32 copies would be stale
+    assert TextDecoder.of(model) is not decoder and TextDecoder.of(model).vocab.reordered is None
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ def search(
 ) -> tuple[list[list[int]], list[list[float]]]:
     """image_tokens [B, N, D] -> per caption the best hypothesis' tokens and per-step entropies."""
     B, K, S, device = image_tokens.shape[0], params.num_beams, params.seq_len, image_tokens.device
-    cross = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in decoder.cross_kv(image_tokens)]
+    image_keys = decoder.image_keys(image_tokens).repeat_interleave(K, 0)  # [B*K, N, D]
     caches = decoder.new_caches(B * K, S, device)
     seqs = torch.full((B * K, S), lm.pad_id, dtype=torch.long, device=device)
     seqs[:, 0] = lm.sot_id
@@ -35,7 +35,7 @@ def search(
     finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(B)]
     for pos in range(S - 1):
         cur_len, b = pos + 1, len(captions)
-        logits = decoder.step(seqs[:, pos], pos, caches, cross)  # [b*K, V]
+        logits = decoder.step(seqs[:, pos], pos, caches, image_keys)  # [b*K, V]
         ents[:, pos] = entropy_bits(logits)
         logp = torch.log_softmax(logits, dim=-1)
         logp = block_end_token(logp, cur_len, params.min_seq_len, lm.eot_id)
@@ -85,14 +85,14 @@ def search(
         scores = torch.tensor(next_scores, device=device).view(b, K)
         for cache in caches:
             cache.keep(rows)
-        cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cross]
+        image_keys = image_keys.index_select(0, rows)
         if any(done):  # drop the rows of finished captions
             live = [i for i, d in enumerate(done) if not d]
             keep = torch.tensor([i * K + j for i in live for j in range(K)], device=device)
             seqs, ents, scores = seqs[keep], ents[keep], scores[live]
             for cache in caches:
                 cache.keep(keep)
-            cross = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in cross]
+            image_keys = image_keys.index_select(0, keep)
             captions = [captions[i] for i in live]
     best = [max(h, key=lambda x: x[0]) for h in finished]
     return [t for _, t, _ in best], [e for _, _, e in best]

@@ -8,9 +8,10 @@ open_clip's `generate` reruns both stacks over the whole prefix at every step, p
 position to the 49408-word vocabulary and re-projects the image tokens to cross-attention keys and
 values in every layer. Here each step feeds ONE token per row:
   - self-attention keys/values of earlier positions come from a KVCache per layer;
-  - cross-attention keys/values of the image tokens are computed once per batch (`cross_kv`);
+  - cross-attention reads the image tokens through their normalisation, once per batch, shared by
+    every decoder layer (`image_keys`, `_ImageAttention`: no per-layer keys/values at all);
   - only the new position is projected to the vocabulary;
-  - every product with a weight goes through `linear.Linear` (on CPU, weights packed for few rows).
+  - every product with a weight goes through `linear.Linear` (on CPU, weights reordered for oneDNN).
 The text tower's appended cls token (`embed_cls`) sits after the caption and, under the causal mask,
 cannot change the caption positions, so it is left out. Padding masks are not needed either: a
 row's prefix never holds the pad id 0, because a row that emits it is finished (as in open_clip).
@@ -31,8 +32,6 @@ from torch import nn
 from services.decoder.kv_cache import KVCache
 from services.decoder.linear import Linear
 
-CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: k, v [B, H, N, Dh]
-
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, S, D] -> [B, H, S, Dh]"""
@@ -50,7 +49,7 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 class _Block:
     """One of open_clip's ResidualAttentionBlocks as a step uses it: its norms and layer scales, and its
     products as `Linear`s. `attn_in` is the whole q/k/v projection [3D, D] for self-attention and only
-    the q part [D, D] for cross-attention (the image keys/values are projected once, in `cross_kv`)."""
+    the q part [D, D] for cross-attention (the image side is `_ImageAttention`)."""
 
     heads: int
     ln_1: nn.Module
@@ -86,15 +85,57 @@ def _self_attention(block: _Block, x: torch.Tensor, cache: KVCache, pos: int) ->
     return block.attention_out(x, F.scaled_dot_product_attention(_heads(q, block.heads), k_all, v_all))
 
 
-def _cross_attention(block: _Block, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """x [B, 1, D] attends to the image tokens' precomputed k, v [B, H, N, Dh]."""
-    q = _heads(block.attn_in(block.ln_1(x)), block.heads)  # [B, H, 1, Dh]
-    return block.attention_out(x, F.scaled_dot_product_attention(q, k, v))
+@dataclass
+class _ImageAttention:
+    """The image side of one decoder layer's cross-attention, folded into the query and the output.
+
+    open_clip projects the image tokens x_j of every layer to keys and values,
+        k_j = W_k LN(x_j) + b_k,   v_j = W_v LN(x_j) + b_v,   LN(x) = n(x) * g + beta,
+    where n(x) is the normalisation itself (the same in every layer) and g, beta are this layer's
+    ln_1_kv scale and shift. For head h with query q_h (1/sqrt(Dh) included):
+        q_h . k_j     = (W_k,h^T q_h * g) . n(x_j)  +  q_h . (W_k,h beta + b_k,h)
+        sum_j p_j v_j = W_v,h (g * sum_j p_j n(x_j))  +  (W_v,h beta + b_v,h)
+    The second term of the first line is the same for every image token j, and softmax ignores it;
+    the second line uses sum_j p_j = 1. So a step attends over the normalised tokens n(x) [B, N, D],
+    computed once per batch and shared by all decoder layers, with g folded into the weights below.
+    This replaces projecting every row's image tokens to keys and values in every layer (coca_ViT-B-32,
+    8 rows: 25.7 GFLOP before the first token, then 100 MB of keys/values read per step) by ~0.5 GFLOP
+    per step over 4 MB of normalised tokens. The 12 cross-attention layers alone, 29 steps, 2-core EPYC:
+    8 rows 0.21 s instead of 0.31 s, 256 rows 8.0 s instead of 14.0 s. The values are the same up to
+    the rounding of a different order of operations (tests compare with open_clip's decoder)."""
+
+    w_k: torch.Tensor  # [H, Dh, D]  W_k,h * g / sqrt(Dh)
+    w_v: torch.Tensor  # [H, D, Dh]  (W_v,h * g)^T
+    b_v: torch.Tensor  # [H, 1, Dh]  W_v,h beta + b_v,h
+
+    @classmethod
+    def of(cls, block: ResidualAttentionBlock) -> _ImageAttention:
+        mha, ln = block.attn, block.ln_1_kv
+        H, D = mha.num_heads, mha.embed_dim
+        _, w_k, w_v = mha.in_proj_weight.float().chunk(3)  # [D, D] each
+        _, _, b_v = mha.in_proj_bias.float().chunk(3)
+        g, beta = ln.weight.float(), ln.bias.float()
+        return cls(
+            (w_k * g * (D // H) ** -0.5).view(H, D // H, D).to(mha.in_proj_weight.dtype),
+            (w_v * g).view(H, D // H, D).transpose(1, 2).contiguous().to(mha.in_proj_weight.dtype),
+            (w_v @ beta + b_v).view(H, 1, D // H).to(mha.in_proj_weight.dtype),
+        )
+
+
+def _cross_attention(block: _Block, image: _ImageAttention, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """x [B, 1, D] attends to the image tokens, given as their normalisation keys [B, N, D]."""
+    B = x.shape[0]
+    q = block.attn_in(block.ln_1(x)).view(B, block.heads, -1).transpose(0, 1)  # [H, B, Dh]
+    q = torch.bmm(q, image.w_k).transpose(0, 1)  # [B, H, D]
+    p = torch.softmax(torch.bmm(q, keys.transpose(1, 2)).float(), dim=-1).to(keys.dtype)  # [B, H, N]
+    mixed = torch.bmm(p, keys).transpose(0, 1)  # [H, B, D]  sum_j p_j n(x_j)
+    attended = torch.baddbmm(image.b_v, mixed, image.w_v)  # [H, B, Dh]
+    return block.attention_out(x, attended.transpose(0, 1)[:, :, None])  # attended as [B, H, 1, Dh]
 
 
 class TextDecoder:
     """Incremental view of a CoCa model's text tower + multimodal decoder. It uses the model's weights
-    (on CPU also packed copies of them, see `linear`); `TextDecoder.of(model)` keeps one per model."""
+    (on CPU also reordered copies of them, see `linear`); `TextDecoder.of(model)` keeps one per model."""
 
     _made: weakref.WeakKeyDictionary[CoCa, tuple[tuple, TextDecoder]] = weakref.WeakKeyDictionary()
 
@@ -117,22 +158,22 @@ class TextDecoder:
         self.text_blocks = [_Block.of(b) for b in self.text.transformer.resblocks]
         self.self_blocks = [_Block.of(b) for b in self.decoder.resblocks]
         self.cross_blocks = [_Block.of(b, q_only=True) for b in self.decoder.cross_attn]
+        norms = {(type(b.ln_1_kv), b.ln_1_kv.normalized_shape, b.ln_1_kv.eps) for b in self.decoder.cross_attn}
+        if len(norms) != 1 or not issubclass(next(iter(norms))[0], nn.LayerNorm):
+            raise ValueError("the cached decoder needs the same LayerNorm before every cross-attention")
+        self.image_eps = self.decoder.cross_attn[0].ln_1_kv.eps
+        self.image_attn = [_ImageAttention.of(b) for b in self.decoder.cross_attn]
         self.vocab = Linear(self.decoder.text_projection.t())  # [V, D]
 
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.text_projection.dtype
 
-    def cross_kv(self, image_tokens: torch.Tensor) -> CrossKV:
-        """image_tokens [B, N, D] -> per decoder layer the cross-attention k, v [B, H, N, Dh]."""
-        out = []
-        for block in self.decoder.cross_attn:
-            mha = block.attn
-            _, w_k, w_v = mha.in_proj_weight.chunk(3)
-            _, b_k, b_v = mha.in_proj_bias.chunk(3)
-            kv = block.ln_1_kv(image_tokens)
-            out.append((_heads(F.linear(kv, w_k, b_k), mha.num_heads), _heads(F.linear(kv, w_v, b_v), mha.num_heads)))
-        return out
+    def image_keys(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """image_tokens [B, N, D] -> their normalisation n(x) [B, N, D], the keys every decoder layer's
+        cross-attention reads (see `_ImageAttention`); computed in float32 like open_clip's norms."""
+        normed = F.layer_norm(image_tokens.float(), image_tokens.shape[-1:], eps=self.image_eps)
+        return normed.to(self.dtype)
 
     def new_caches(self, rows: int, max_len: int, device: torch.device) -> list[KVCache]:
         """One cache per self-attention layer: text tower layers, then decoder layers."""
@@ -142,14 +183,15 @@ class TextDecoder:
             for b in blocks
         ]
 
-    def step(self, tokens: torch.Tensor, pos: int, caches: list[KVCache], cross: CrossKV) -> torch.Tensor:
-        """tokens [B] at position `pos` -> next-token logits [B, V] (float32)."""
+    def step(self, tokens: torch.Tensor, pos: int, caches: list[KVCache], image_keys: torch.Tensor) -> torch.Tensor:
+        """tokens [B] at position `pos`, image_keys [B, N, D] -> next-token logits [B, V] (float32)."""
         n_text = len(self.text_blocks)
         x = self.text.token_embedding(tokens)[:, None].to(self.dtype)  # [B, 1, D]
         x = x + self.text.positional_embedding[pos].to(self.dtype)
         for block, cache in zip(self.text_blocks, caches[:n_text]):
             x = _self_attention(block, x, cache, pos)
         # CoCa feeds the text tower's states to the decoder without ln_final.
-        for block, xblock, cache, (k, v) in zip(self.self_blocks, self.cross_blocks, caches[n_text:], cross):
-            x = _cross_attention(xblock, _self_attention(block, x, cache, pos), k, v)
+        layers = zip(self.self_blocks, self.cross_blocks, self.image_attn, caches[n_text:])
+        for block, xblock, image, cache in layers:
+            x = _cross_attention(xblock, image, _self_attention(block, x, cache, pos), image_keys)
         return self.vocab(self.decoder.ln_final(x[:, 0])).float()  # [B, V]

@@ -100,7 +100,7 @@ def _decode_batch(
     decoder: TextDecoder, lm: LoadedModel, image_tokens: torch.Tensor, params: DecodeParams, keys: torch.Tensor
 ) -> tuple[list[list[int]], list[list[float]]]:
     B, S, device = image_tokens.shape[0], params.seq_len, image_tokens.device
-    cross = decoder.cross_kv(image_tokens)  # per layer k, v [B, H, N, Dh], computed once
+    image_keys = decoder.image_keys(image_tokens)  # [B, N, D], read by every decoder layer
     caches = decoder.new_caches(B, S, device)
     seqs = torch.full((B, S), lm.pad_id, dtype=torch.long, device=device)  # start + generated
     seqs[:, 0] = lm.sot_id
@@ -110,7 +110,7 @@ def _decode_batch(
     token = seqs[:, 0]
     for pos in range(S - 1):
         cur_len = pos + 1  # tokens present, start token included
-        logits = decoder.step(token, pos, caches, cross)  # [b, V]
+        logits = decoder.step(token, pos, caches, image_keys)  # [b, V]
         entropy[alive, pos] = entropy_bits(logits)
         if cur_len + 1 == S:  # last slot: the end token is forced
             token = torch.full_like(token, lm.eot_id)
@@ -123,12 +123,12 @@ def _decode_batch(
         done = (token == lm.eot_id) | (token == lm.pad_id)
         if done.all():
             break
-        if done.any():  # drop finished rows from the batch, the caches and the image keys/values
+        if done.any():  # drop finished rows from the batch, the caches and the image keys
             keep = (~done).nonzero()[:, 0]
             alive, token = alive[keep], token[keep]
             for cache in caches:
                 cache.keep(keep)
-            cross = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in cross]
+            image_keys = image_keys.index_select(0, keep)
     return _finish(seqs, steps, entropy, lm.eot_id)
 
 
