@@ -13,12 +13,15 @@ rows are multiplied with it (checked bit for bit from 1 to 1000 rows), which kee
 alone or in any batch. The price is a reordered copy of the text-side weights (~0.5 GB for
 coca_ViT-B-32), made once per model by `TextDecoder.of`.
 
-Reordering needs an fp32 CPU model and a PyTorch built with oneDNN (mkldnn); elsewhere (GPU, bf16,
-fp16) every product is the ordinary `F.linear`. The two paths differ in the last bits, as any two
-GEMM kernels do.
+Reordering is used for fp32 models on x86 CPUs (where oneDNN has its JIT AVX2/AVX-512 kernels and
+where it was measured) with a PyTorch built with oneDNN (mkldnn); elsewhere (GPU, bf16, fp16, ARM
+laptops, whose BLAS is fast at few rows) every product is the ordinary `F.linear`. The two paths
+differ in the last bits, as any two GEMM kernels do.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,7 @@ def can_reorder(weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
+        and platform.machine().lower() in ("x86_64", "amd64")
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )

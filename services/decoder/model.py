@@ -127,7 +127,7 @@ def _cross_attention(block: _Block, image: _ImageAttention, x: torch.Tensor, key
     B = x.shape[0]
     q = block.attn_in(block.ln_1(x)).view(B, block.heads, -1).transpose(0, 1)  # [H, B, Dh]
     q = torch.bmm(q, image.w_k).transpose(0, 1)  # [B, H, D]
-    p = torch.softmax(torch.bmm(q, keys.transpose(1, 2)).float(), dim=-1).to(keys.dtype)  # [B, H, N]
+    p = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # [B, H, N] (bf16/fp16: summed in fp32)
     mixed = torch.bmm(p, keys).transpose(0, 1)  # [H, B, D]  sum_j p_j n(x_j)
     attended = torch.baddbmm(image.b_v, mixed, image.w_v)  # [H, B, Dh]
     return block.attention_out(x, attended.transpose(0, 1)[:, :, None])  # attended as [B, H, 1, Dh]
