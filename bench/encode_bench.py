@@ -31,6 +31,20 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+# Nor the oneDNN product the stage's blocks use on CPU (shared/blocks.py): x [..., K] @ W^T, W [N, K].
+@register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+def _onednn_linear_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape.numel() * w_shape[0]
+
+
+# Nor nn.MultiheadAttention's inference fast path, which `encode_image` takes in open_clip's blocks:
+# q/k/v projection, attention (scores and mix), output projection over x [B, S, E].
+@register_flop_formula(torch.ops.aten._native_multi_head_attention)
+def _native_mha_flop(q_shape, *args, out_shape=None, **kwargs) -> int:
+    B, S, E = q_shape
+    return 2 * B * S * E * 3 * E + 2 * 2 * B * S * S * E + 2 * B * S * E * E
+
+
 def flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()

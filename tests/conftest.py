@@ -8,6 +8,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from shared.models import LoadedModel, load_model  # noqa: E402
 
@@ -24,3 +25,21 @@ def tiny() -> LoadedModel:
 def pixels(tiny) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(6, 3, 32, 32, generator=g)
+
+
+@pytest.fixture(scope="session")
+def trained_like() -> LoadedModel:
+    """coca_tiny with random scales and shifts in every norm and random biases, as trained weights have
+    them: random init leaves norms at 1 and 0 and biases at 0, which would hide a mistake in how the
+    cached decoder folds the image-side norm and projections into its cross-attention, or in how
+    the encoder's and decoder's own block code applies biases."""
+    lm = load_model("coca_tiny")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in lm.model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=g))
+        for name, p in lm.model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return lm

@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from services.decoder.linear import Linear, can_reorder
 from services.decoder.model import TextDecoder
 from services.decoder.stage import caption_layers, decode
 from services.encoder.stage import check_layers, encode
+from shared.blocks import Linear, can_reorder
 from shared.models import load_model
 from shared.schemas import DecodeParams
 
@@ -55,23 +54,6 @@ def reference_greedy(model, image_tokens, seq_len, min_seq_len):
 def test_greedy_matches_full_recompute_reference(tiny, latents):
     ours = decode(tiny, latents[-1], DecodeParams(seq_len=12))
     assert [d.tokens for d in ours] == reference_greedy(tiny.model, latents[-1], 12, 5)
-
-
-@pytest.fixture(scope="module")
-def trained_like():
-    """coca_tiny with random scales and shifts in every norm and random biases, as trained weights have
-    them: random init leaves norms at 1 and 0 and biases at 0, which would hide a mistake in how the
-    cached decoder folds the image-side norm and projections into its cross-attention."""
-    lm = load_model("coca_tiny")
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for module in lm.model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=g))
-        for name, p in lm.model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return lm
 
 
 def test_step_logits_match_open_clip_decoder_with_trained_like_weights(trained_like, latents):

@@ -6,10 +6,12 @@ import torch
 from services.encoder.stage import capture_blocks, check_layers, encode
 
 
-def test_last_layer_latents_equal_open_clip(tiny, pixels):
-    latents = encode(tiny.model.visual, pixels, check_layers(tiny.model.visual, None))
-    _, tokens = tiny.model._encode_image(pixels)
-    assert latents.shape == (tiny.num_layers, 6, 8, 48)  # [L, N, Q-1, D]
+@pytest.mark.parametrize("model", ["tiny", "trained_like"])
+def test_last_layer_latents_equal_open_clip(model, pixels, request):
+    lm = request.getfixturevalue(model)
+    latents = encode(lm.model.visual, pixels, check_layers(lm.model.visual, None))
+    _, tokens = lm.model._encode_image(pixels)
+    assert latents.shape == (lm.num_layers, 6, 8, 48)  # [L, N, Q-1, D]
     assert torch.allclose(latents[-1], tokens, atol=1e-5)
 
 

@@ -11,7 +11,7 @@ values in every layer. Here each step feeds ONE token per row:
   - cross-attention reads the image tokens through their normalisation, once per batch, shared by
     every decoder layer (`image_keys`, `_ImageAttention`: no per-layer keys/values at all);
   - only the new position is projected to the vocabulary;
-  - every product with a weight goes through `linear.Linear` (on CPU, weights reordered for oneDNN).
+  - every product with a weight goes through `shared.blocks.Linear` (reordered for oneDNN on CPU).
 The text tower's appended cls token (`embed_cls`) sits after the caption and, under the causal mask,
 cannot change the caption positions, so it is left out. Padding masks are not needed either: a
 row's prefix never holds the pad id 0, because a row that emits it is finished (as in open_clip).
@@ -20,7 +20,6 @@ Shapes: B rows, D width, H heads, Dh = D / H, S positions, N image tokens, V voc
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,59 +29,14 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from services.decoder.kv_cache import KVCache
-from services.decoder.linear import Linear
+from shared.blocks import Block, Linear, cached, heads
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, S, D] -> [B, H, S, Dh]"""
-    B, S, D = x.shape
-    return x.view(B, S, heads, D // heads).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, S, Dh] -> [B, S, D]"""
-    B, H, S, Dh = x.shape
-    return x.transpose(1, 2).reshape(B, S, H * Dh)
-
-
-@dataclass
-class _Block:
-    """One of open_clip's ResidualAttentionBlocks as a step uses it: its norms and layer scales, and its
-    products as `Linear`s. `attn_in` is the whole q/k/v projection [3D, D] for self-attention and only
-    the q part [D, D] for cross-attention (the image side is `_ImageAttention`)."""
-
-    heads: int
-    ln_1: nn.Module
-    ln_2: nn.Module
-    ls_1: nn.Module
-    ls_2: nn.Module
-    act: nn.Module
-    attn_in: Linear
-    attn_out: Linear
-    fc: Linear
-    proj: Linear
-
-    @classmethod
-    def of(cls, block: ResidualAttentionBlock, q_only: bool = False) -> _Block:
-        mha, mlp = block.attn, block.mlp
-        w, b = mha.in_proj_weight, mha.in_proj_bias
-        if q_only:
-            w, b = w.chunk(3)[0], b.chunk(3)[0]
-        return cls(mha.num_heads, block.ln_1, block.ln_2, block.ls_1, block.ls_2, mlp.gelu, Linear(w, b),
-                   Linear(mha.out_proj.weight, mha.out_proj.bias), Linear(mlp.c_fc.weight, mlp.c_fc.bias),
-                   Linear(mlp.c_proj.weight, mlp.c_proj.bias))
-
-    def attention_out(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """Residual add of the attention output [B, H, 1, Dh], then the MLP: -> x [B, 1, D]."""
-        x = x + self.ls_1(self.attn_out(_merge(attended)))
-        return x + self.ls_2(self.proj(self.act(self.fc(self.ln_2(x)))))
-
-
-def _self_attention(block: _Block, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+def _self_attention(block: Block, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
     """x [B, 1, D] at position `pos` attends to positions 0..pos (causal by construction)."""
     q, k, v = block.attn_in(block.ln_1(x)).chunk(3, dim=-1)
-    k_all, v_all = cache.update(pos, _heads(k, block.heads), _heads(v, block.heads))  # [B, H, pos+1, Dh]
-    return block.attention_out(x, F.scaled_dot_product_attention(_heads(q, block.heads), k_all, v_all))
+    k_all, v_all = cache.update(pos, heads(k, block.heads), heads(v, block.heads))  # [B, H, pos+1, Dh]
+    return block.attention_out(x, F.scaled_dot_product_attention(heads(q, block.heads), k_all, v_all))
 
 
 @dataclass
@@ -122,7 +76,7 @@ class _ImageAttention:
         )
 
 
-def _cross_attention(block: _Block, image: _ImageAttention, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _cross_attention(block: Block, image: _ImageAttention, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """x [B, 1, D] attends to the image tokens, given as their normalisation keys [B, N, D]."""
     B = x.shape[0]
     q = block.attn_in(block.ln_1(x)).view(B, block.heads, -1).transpose(0, 1)  # [H, B, Dh]
@@ -135,29 +89,20 @@ def _cross_attention(block: _Block, image: _ImageAttention, x: torch.Tensor, key
 
 class TextDecoder:
     """Incremental view of a CoCa model's text tower + multimodal decoder. It uses the model's weights
-    (on CPU also reordered copies of them, see `linear`); `TextDecoder.of(model)` keeps one per model."""
-
-    _made: weakref.WeakKeyDictionary[CoCa, tuple[tuple, TextDecoder]] = weakref.WeakKeyDictionary()
+    (on CPU also reordered copies of them, see `shared.blocks`); `TextDecoder.of(model)` keeps one
+    per model."""
 
     @classmethod
     def of(cls, coca: CoCa) -> TextDecoder:
-        """The model's decoder, made again if a text-side weight changed since (in place, moved to
-        another device or dtype, or replaced)."""
-        stamp = tuple((p.data_ptr(), p._version) for p in (*coca.text.parameters(), *coca.text_decoder.parameters()))
-        made = cls._made.get(coca)
-        if made is None or made[0] != stamp:
-            made = cls._made[coca] = (stamp, cls(coca))
-        return made[1]
+        """The model's decoder, made again if one of its weights changed since."""
+        return cached(coca, cls)
 
     def __init__(self, coca: CoCa) -> None:
         self.text, self.decoder = coca.text, coca.text_decoder
-        blocks = [*self.text.transformer.resblocks, *self.decoder.resblocks, *self.decoder.cross_attn]
-        if not all(type(b) is ResidualAttentionBlock for b in blocks):
-            raise ValueError("only open_clip's default attention blocks are supported by the cached decoder")
         self.max_len = self.text.context_length
-        self.text_blocks = [_Block.of(b) for b in self.text.transformer.resblocks]
-        self.self_blocks = [_Block.of(b) for b in self.decoder.resblocks]
-        self.cross_blocks = [_Block.of(b, q_only=True) for b in self.decoder.cross_attn]
+        self.text_blocks = [Block.of(b) for b in self.text.transformer.resblocks]
+        self.self_blocks = [Block.of(b) for b in self.decoder.resblocks]
+        self.cross_blocks = [Block.of(b, q_only=True) for b in self.decoder.cross_attn]
         norms = {(type(b.ln_1_kv), b.ln_1_kv.normalized_shape, b.ln_1_kv.eps) for b in self.decoder.cross_attn}
         if len(norms) != 1 or not issubclass(next(iter(norms))[0], nn.LayerNorm):
             raise ValueError("the cached decoder needs the same LayerNorm before every cross-attention")
