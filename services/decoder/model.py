@@ -29,14 +29,16 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from services.decoder.kv_cache import KVCache
-from shared.blocks import Block, Linear, cached, heads
+from shared.blocks import Block, Linear, cached
 
 
 def _self_attention(block: Block, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
     """x [B, 1, D] at position `pos` attends to positions 0..pos (causal by construction)."""
-    q, k, v = block.attn_in(block.ln_1(x)).chunk(3, dim=-1)
-    k_all, v_all = cache.update(pos, heads(k, block.heads), heads(v, block.heads))  # [B, H, pos+1, Dh]
-    return block.attention_out(x, F.scaled_dot_product_attention(heads(q, block.heads), k_all, v_all))
+    B = x.shape[0]
+    qkv = block.attn_in(block.ln_1(x)).view(B, 3, block.heads, -1)  # [B, 3, H, Dh]
+    k_all, v_all = cache.update(pos, qkv[:, 1:])  # [B, H, pos+1, Dh] each
+    attended = F.scaled_dot_product_attention(qkv[:, :1].transpose(1, 2), k_all, v_all)  # [B, H, 1, Dh]
+    return block.attention_out(x, attended)
 
 
 @dataclass
