@@ -105,9 +105,10 @@ class TextDecoder:
         self.text_blocks = [Block.of(b) for b in self.text.transformer.resblocks]
         self.self_blocks = [Block.of(b) for b in self.decoder.resblocks]
         self.cross_blocks = [Block.of(b, q_only=True) for b in self.decoder.cross_attn]
-        norms = {(type(b.ln_1_kv), b.ln_1_kv.normalized_shape, b.ln_1_kv.eps) for b in self.decoder.cross_attn}
-        if len(norms) != 1 or not issubclass(next(iter(norms))[0], nn.LayerNorm):
-            raise ValueError("the cached decoder needs the same LayerNorm before every cross-attention")
+        norms = {(type(b.ln_1_kv), b.ln_1_kv.normalized_shape, b.ln_1_kv.eps, b.ln_1_kv.elementwise_affine)
+                 for b in self.decoder.cross_attn}
+        if len(norms) != 1 or not issubclass(next(iter(norms))[0], nn.LayerNorm) or not next(iter(norms))[3]:
+            raise ValueError("the cached decoder needs the same affine LayerNorm before every cross-attention")
         self.image_eps = self.decoder.cross_attn[0].ln_1_kv.eps
         self.image_attn = [_ImageAttention.of(b) for b in self.decoder.cross_attn]
         self.vocab = Linear(self.decoder.text_projection.t())  # [V, D]
