@@ -8,7 +8,6 @@ import torch
 from services.decoder.model import TextDecoder
 from services.decoder.stage import caption_layers, decode
 from services.encoder.stage import check_layers, encode
-from shared.blocks import Linear, can_reorder
 from shared.models import load_model
 from shared.schemas import DecodeParams
 
@@ -88,18 +87,6 @@ def test_caption_alone_equals_caption_in_a_batch_of_64_mixed_layers(tiny, latent
         alone = decode(tiny, mixed[i : i + 1], DecodeParams())[0]
         assert alone.tokens == batch[i].tokens
         assert alone.entropy == pytest.approx(batch[i].entropy, abs=1e-4)
-
-
-@pytest.mark.skipif(not can_reorder(torch.zeros(1)), reason="needs a PyTorch built with oneDNN (mkldnn)")
-def test_reordered_products_match_linear_and_do_not_depend_on_the_other_rows():
-    g = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(300, 1, 64, generator=g)
-    lin = Linear(w, b)
-    assert lin.reordered is not None
-    together = lin(x)  # [300, 1, 96]
-    assert torch.allclose(together, torch.nn.functional.linear(x, w, b), atol=1e-5)
-    for rows in (1, 7, 8, 16, 17, 64, 256):  # a row's result is the same bit for bit in any batch
-        assert torch.equal(lin(x[-rows:]), together[-rows:])
 
 
 def test_one_decoder_per_model_made_again_when_its_weights_change():
