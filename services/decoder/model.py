@@ -67,14 +67,14 @@ class _ImageAttention:
     @classmethod
     def of(cls, block: ResidualAttentionBlock) -> _ImageAttention:
         mha, ln = block.attn, block.ln_1_kv
-        H, D = mha.num_heads, mha.embed_dim
-        _, w_k, w_v = mha.in_proj_weight.float().chunk(3)  # [D, D] each
+        H, D, dtype = mha.num_heads, mha.embed_dim, mha.in_proj_weight.dtype
+        _, w_k, w_v = mha.in_proj_weight.float().chunk(3)  # [D, D] each, folded in float32
         _, _, b_v = mha.in_proj_bias.float().chunk(3)
         g, beta = ln.weight.float(), ln.bias.float()
         return cls(
-            (w_k * g * (D // H) ** -0.5).view(H, D // H, D).to(mha.in_proj_weight.dtype),
-            (w_v * g).view(H, D // H, D).transpose(1, 2).contiguous().to(mha.in_proj_weight.dtype),
-            (w_v @ beta + b_v).view(H, 1, D // H).to(mha.in_proj_weight.dtype),
+            (w_k * g * (D // H) ** -0.5).view(H, D // H, D).to(dtype),
+            (w_v * g).view(H, D // H, D).transpose(1, 2).contiguous().to(dtype),
+            (w_v @ beta + b_v).view(H, 1, D // H).to(dtype),
         )
 
 
@@ -105,11 +105,14 @@ class TextDecoder:
         self.text_blocks = [Block.of(b) for b in self.text.transformer.resblocks]
         self.self_blocks = [Block.of(b) for b in self.decoder.resblocks]
         self.cross_blocks = [Block.of(b, q_only=True) for b in self.decoder.cross_attn]
-        norms = {(type(b.ln_1_kv), b.ln_1_kv.normalized_shape, b.ln_1_kv.eps, b.ln_1_kv.elementwise_affine)
-                 for b in self.decoder.cross_attn}
-        if len(norms) != 1 or not issubclass(next(iter(norms))[0], nn.LayerNorm) or not next(iter(norms))[3]:
+        # Every layer's image-side norm must normalise the same way (see `image_keys`).
+        norms = [b.ln_1_kv for b in self.decoder.cross_attn]
+        first = norms[0]
+        same = all((type(n), n.normalized_shape, n.eps) == (type(first), first.normalized_shape, first.eps)
+                   for n in norms)
+        if not (isinstance(first, nn.LayerNorm) and first.elementwise_affine and same):
             raise ValueError("the cached decoder needs the same affine LayerNorm before every cross-attention")
-        self.image_eps = self.decoder.cross_attn[0].ln_1_kv.eps
+        self.image_eps = first.eps
         self.image_attn = [_ImageAttention.of(b) for b in self.decoder.cross_attn]
         self.vocab = Linear(self.decoder.text_projection.t())  # [V, D]
 
