@@ -39,6 +39,18 @@ class LayerCaption(BaseModel):
     tokens: list[int] = Field(description="generated token ids, start/end token excluded")
     entropy: list[float] = Field(description="bits, full softmax at each generated step (end token included)")
     mean_entropy: float
+    # Grounding (services/decoder/grounding.py; absent when it is off). Cosines of the model's own
+    # contrastive embeddings (encode_image / encode_text), in [-1, 1].
+    image_score: float | None = Field(None, description="cosine of the caption's text embedding and the image's")
+    retrieval_rank: int | None = Field(
+        None, description="rank of the own image among the gallery by image_score (1 = best); null: one image"
+    )
+    gallery_size: int | None = Field(None, description="images the rank was taken among (own image included)")
+    prior: bool | None = Field(None, description="caption equals this layer's caption for a flat gray image")
+    prior_overlap: float | None = Field(None, description="token F1 (BPE ids) with the gray image's caption")
+    last_layer_similarity: float | None = Field(
+        None, description="cosine of the text embeddings of this caption and the deepest selected layer's"
+    )
 
 
 class ImageResult(BaseModel):
