@@ -60,6 +60,8 @@ class JobOptions(BaseModel):
     )
     decode: DecodeParams = Field(default_factory=DecodeParams, description="how captions are decoded")
     categorize: bool = Field(True, description="label every caption's phrases and build the per-layer figure")
+    grounding: bool = Field(True, description="score every caption against its image (image_score, retrieval"
+                                              " rank, prior, similarity to the last layer)")
     backend: CategorizerBackend | None = Field(None, description="categorizer backend; null: the server's default")
 
 

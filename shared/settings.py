@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     encode_batch: int = Field(32, description="images per vision-tower forward")
     decode_batch: int = Field(256, description="caption rows (images x layers) decoded together")
 
+    # --- grounding (issue 14) ---
+    grounding_gallery: int = Field(1000, ge=2, description="most images a caption's retrieval rank is taken"
+                                                           " among (a fixed-seed sample, own image included)")
+
     # --- categorizer ---
     categorizer_backend: str = Field("embedded", description="embedded (offline, CPU) | openai (LLM server)")
     categorizer_cache_dir: Path = Field(
