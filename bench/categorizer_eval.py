@@ -52,7 +52,7 @@ def main() -> int:
     taxonomy = load_taxonomy()
     plot_classes = list(taxonomy.plot_names)
     reference, unparsed = read_reference_labels(args.labels_dir)
-    captions, _ = read_captions(args.captions)
+    captions = read_captions(args.captions).captions
     paper = _read_paper(args.paper)
 
     started = time.perf_counter()

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="OpenAI-compatible LLM endpoint (e.g. vLLM): the categorizer's default backend becomes"
                         " openai (default: the embedded offline labeler)")
 
+    p.add_argument("--llm-structured", default=None, choices=["auto", "json_schema", "json_object", "none"],
+                   help=f"the LLM server's structured-output dialect, see docs/llm_servers.md (default:"
+                        f" {s.llm_structured}, LV_LLM_STRUCTURED)")
 
 class Child:
     """One supervised process."""
@@ -147,6 +150,8 @@ def _supervise(children: list[Child], stop: threading.Event) -> int:
     right after it starts (exit 1)."""
     while not stop.wait(0.5):
         for child in children:
+    if args.llm_structured:
+        env.update(LV_LLM_STRUCTURED=args.llm_structured)
             if not child.exited():
                 continue
             code = child.proc.returncode

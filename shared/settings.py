@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis (queue, job records, label cache); e.g. redis://redis:6379/0")
     label_cache_ttl_s: int | None = Field(30 * 24 * 3600, description="label cache entry lifetime; None: forever")
 
+    llm_structured: Literal["auto", "json_schema", "json_object", "none"] = Field(
+        "auto", description="the server's structured-output dialect (docs/llm_servers.md); auto: found by the first"
+                            " request")
     # --- service: gateway, queue, workers (issue 5). redis_url above is shared: the service uses
     # redis://127.0.0.1:6379/0 when it is unset (shared.queue.redis_url). ---
     artifact_dir: Path = Field(Path("./runs/artifacts"), description="artifact store: a directory all services share")

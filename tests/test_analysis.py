@@ -138,8 +138,9 @@ def test_categorize_reads_results_jsonl_and_carries_entropy(tmp_path):
     results.write_text("\n".join([result(0, 1.0), failed, result(1, 3.0)]) + "\n")
     labels, out = tmp_path / "labels.json", tmp_path / "report"
     assert main(["categorize", str(results), "--backend", "embedded", "--out", str(labels)]) == 0
-    assert [e["mean_entropy"] for e in json.loads(labels.read_text())["layer_1"]] == [2.0, 4.0]
-    assert main(["analyze", str(labels), "--out", str(out)]) == 0
+    entries = json.loads(labels.read_text())["layer_1"]
+    assert [(e["id"], e["mean_entropy"]) for e in entries] == [("0", 2.0), ("1", 4.0)]  # joins back to the images
+    assert main(["analyze", str(labels), "--out", str(out)]) == 0  # no --entropy: the labels carry it
     assert [entry["mean_entropy"] for entry in json.loads((out / "summary.json").read_text())["layers"]] == [2.0, 3.0]
     assert (out / "entropy.png").exists()
 
@@ -148,7 +149,80 @@ def test_categorize_phrases_command(tmp_path):
     phrases, out = tmp_path / "phrases.json", tmp_path / "out.json"
     phrases.write_text(json.dumps(["a dog", "next to", "zzqxv", "a dog"]))
     assert main(["categorize", "--phrases", str(phrases), "--backend", "embedded", "--out", str(out)]) == 0
-    assert [labels[0] for labels in json.loads(out.read_text())] == ["animal", "position", UNKNOWN, "animal"]
+    written = json.loads(out.read_text())
+    assert [p["text"] for p in written] == ["a dog", "next to", "zzqxv", "a dog"]
+    assert [p["labels"][0] for p in written] == ["animal", "position", UNKNOWN, "animal"]
+
+
+BAD_CAPTION_FILES = {  # name -> content of files `categorize` must refuse
+    "bad.json": b"{not json",
+    "list.json": json.dumps(["a caption"]).encode(),
+    "keys.json": json.dumps({"captions": ["a caption"]}).encode(),
+    "string_layer.json": json.dumps({"layer_0": "a red dog"}).encode(),
+    "numbers.json": json.dumps({"layer_0": [1, 2]}).encode(),
+    "empty.json": b"{}",
+    "results.jsonl": (ImageResult(id="a", source="x", layers=[]).model_dump_json() + '\n{"id": "b"}\n').encode(),
+    "binary.json": b"\xff\xfe\x00bad",
+}
+
+
+@pytest.mark.parametrize("name", [*BAD_CAPTION_FILES, "missing.json", "folder.json"])
+def test_categorize_refuses_bad_files_with_one_error_line(tmp_path, capsys, name):
+    path = tmp_path / name
+    if name == "folder.json":
+        path.mkdir()
+    elif name != "missing.json":
+        path.write_bytes(BAD_CAPTION_FILES[name])
+    out = tmp_path / "labels.json"
+    assert main(["categorize", str(path), "--backend", "embedded", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_categorize_phrases_and_analyze_refuse_bad_files(tmp_path, capsys):
+    phrases, labels = tmp_path / "phrases.json", tmp_path / "labels.json"
+    phrases.write_text(json.dumps({"a dog": 1}))
+    labels.write_text(json.dumps({"layer_0": [{"phrases": []}]}))  # no caption
+    commands = [
+        ["categorize", "--phrases", str(phrases), "--backend", "embedded", "--out", str(tmp_path / "out.json")],
+        ["analyze", str(labels), "--out", str(tmp_path / "report")],
+        ["analyze", str(tmp_path / "missing.json"), "--out", str(tmp_path / "report")],
+        ["analyze", "--reference-format", str(tmp_path / "missing"), "--out", str(tmp_path / "report")],
+        ["analyze", str(tmp_path / "phrases.json"), "--entropy", str(labels), "--out", str(tmp_path / "report")],
+    ]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "Traceback" not in err
+
+
+def _labels_file(tmp_path, layers: dict[int, list[CaptionLabels]]):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({f"layer_{k}": [c.model_dump() for c in v] for k, v in layers.items()}))
+    return path
+
+
+def test_analyze_writes_its_files_with_a_note_when_every_caption_failed(tmp_path):
+    failed = {layer: [caption(error="HTTP 500"), caption(error="timeout")] for layer in (0, 1)}
+    out = tmp_path / "report"
+    assert main(["analyze", str(_labels_file(tmp_path, failed)), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["note"].startswith("no labels: none of the 4 captions was labelled (4 failed")
+    assert summary["plotted"] == {} and [e["failed"] for e in summary["layers"]] == [2, 2]
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "distribution.csv").exists()
+
+
+def test_analyze_writes_its_files_with_a_note_when_no_class_reaches_the_threshold(tmp_path):
+    taxonomy = load_taxonomy()
+    spread = [taxonomy.merged_classes[c][0] or c for c in taxonomy.classes if c != UNKNOWN][:21]  # 21 x 4.8%
+    out = tmp_path / "report"
+    assert main(["analyze", str(_labels_file(tmp_path, {0: [caption(*spread)]})), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["note"] == "no class reaches 5% of a caption's phrases in any layer"
+    assert summary["layers"][0]["counted"] == 1 and (out / "figure.png").exists()
 
 
 def test_taxonomy_folds_labels_and_colours_every_class():

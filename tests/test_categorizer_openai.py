@@ -1,9 +1,12 @@
 """The `openai` backend against a real HTTP server in the test process.
 
-`FakeLLM` stands in for vLLM's OpenAI-compatible /v1/chat/completions: it checks every request
-(model, messages, a json_schema response_format whose label fields are the taxonomy enum) and
-answers according to words in the caption: correctly, with HTTP 500 (always or once), HTTP 429,
-too slowly, or with text that is not JSON."""
+`FakeLLM` stands in for an OpenAI-compatible /v1/chat/completions (vLLM by default): it checks every
+request (model, messages, a response_format of one structured-output dialect whose label fields are
+the taxonomy enum), refuses the dialects it is told not to know as a real server does (vLLM: 400;
+llama-cpp-python: 500 with a validation message), and answers according to words in the caption:
+correctly, with HTTP 500 (always or once), 429, 401 or 404, too slowly, with text that is not JSON
+(always, or only the first time), or with a phrase that is not in the caption. tests/test_llm_real.py
+runs a real LLM server."""
 
 from __future__ import annotations
 
@@ -22,10 +25,15 @@ from services.categorizer.cache import LabelCache
 from services.categorizer.openai_backend import OpenAILabeler
 from services.categorizer.prompt import PROMPT_VERSION
 from services.categorizer.stage import categorize
+from services.cli import main
 from shared.taxonomy import load_taxonomy
 
 MODEL = "test-llama"
 LABELS = load_taxonomy().labels
+VLLM_REFUSAL = (400, {"error": {"message": "unknown response_format type", "type": "BadRequestError"}})
+# What llama-cpp-python 0.3 answers a json_schema response_format (HTTP 500).
+LLAMA_CPP_REFUSAL = 500, {"error": {"message": "[{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                               "'msg': \"Input should be 'text' or 'json_object'\"}]", "type": "internal_server_error"}}
 
 
 def _enums(schema: object) -> list[list]:
@@ -38,10 +46,25 @@ def _enums(schema: object) -> list[list]:
     return []
 
 
+def dialect_of(body: dict) -> tuple[str, dict | None]:
+    """The request's structured-output dialect and its schema."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return "none", None
+    if fmt.get("type") == "json_schema":
+        return "json_schema", fmt.get("json_schema", {}).get("schema")
+    if fmt.get("type") == "json_object":
+        return "json_object", fmt.get("schema")
+    return f"unknown {fmt}", None
+
+
 class FakeLLM:
     def __init__(self) -> None:
-        self.requests: Counter[str] = Counter()  # user message -> requests seen
-        self.invalid: list[str] = []  # why a request was rejected
+        self.requests: Counter[str] = Counter()  # caption or phrase text -> requests seen
+        self.dialects: Counter[str] = Counter()  # dialect -> requests seen
+        self.invalid: list[str] = []  # why a request was not what a server should get
+        self.knows = {"json_schema"}  # structured-output dialects understood (none always is)
+        self.refusal = VLLM_REFUSAL  # the answer to a dialect it does not know
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -50,7 +73,10 @@ class FakeLLM:
 
     def reset(self) -> None:
         self.requests.clear()
+        self.dialects.clear()
         self.invalid.clear()
+        self.knows = {"json_schema"}
+        self.refusal = VLLM_REFUSAL
         self.max_in_flight = 0
 
     def count(self, caption: str) -> int:
@@ -70,7 +96,14 @@ class FakeLLM:
                 if problem := fake.check(self.path, body):
                     fake.invalid.append(problem)
                     return self.reply(400, {"error": problem})
-                user = body["messages"][-1]["content"]
+                dialect, _ = dialect_of(body)
+                with fake.lock:
+                    fake.dialects[dialect] += 1
+                if dialect != "none" and dialect not in fake.knows:
+                    return self.reply(*fake.refusal)
+                user = next(m["content"] for m in reversed(body["messages"]) if m["content"].startswith(("Caption:",
+                                                                                                          "Phrase:")))
+                repair = body["messages"][-1]["content"] != user
                 counted = "hold" in user  # requests of the concurrency test only (slow ones of others linger)
                 with fake.lock:
                     fake.requests[user] += 1
@@ -78,14 +111,14 @@ class FakeLLM:
                     fake.in_flight += counted
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
-                    response = self.answer(user, seen)
+                    response = self.answer(user, seen, repair)
                 finally:
                     with fake.lock:
                         fake.in_flight -= counted
                 self.reply(*response)
 
             @staticmethod
-            def answer(user: str, seen: int) -> tuple:
+            def answer(user: str, seen: int, repair: bool) -> tuple:
                 words = user.split(": ", 1)[1].split()
                 if "hold" in words:
                     time.sleep(0.05)
@@ -93,13 +126,20 @@ class FakeLLM:
                     return 500, {"error": "internal"}
                 if "busy" in words and seen == 1:
                     return 429, {"error": "rate limited"}, {"Retry-After": "0"}
+                if "locked401" in words:
+                    return 401, {"error": {"message": "invalid api key"}}
+                if "missing404" in words:
+                    return 404, {"error": {"message": f"The model `{MODEL}` does not exist."}}
                 if "slow" in words:
                     time.sleep(0.6)
-                if "garbled" in words:
+                if "garbled" in words or ("repairable" in words and not repair):
                     return 200, completion('{"phrases": [{"text": "a')
                 if user.startswith("Phrase: "):
                     return 200, completion(json.dumps({"labels": ["animal", "size"]}))
-                return 200, completion(json.dumps({"phrases": [{"text": w, "labels": ["object"]} for w in words]}))
+                phrases = [{"text": w, "labels": ["object"]} for w in words]
+                if "invented" in words:
+                    phrases.append({"text": "a purple elephant", "labels": ["animal", "color"]})
+                return 200, completion(json.dumps({"phrases": phrases}))
 
             def reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 data = json.dumps(payload).encode()
@@ -117,7 +157,7 @@ class FakeLLM:
 
     @staticmethod
     def check(path: str, body: dict) -> str | None:
-        """Why a request is not what vLLM should get; None when it is."""
+        """Why a request is not what an OpenAI-compatible server should get; None when it is."""
         if path != "/v1/chat/completions":
             return f"path {path}"
         if body.get("model") != MODEL:
@@ -127,10 +167,12 @@ class FakeLLM:
             return "messages must start with the system prompt and end with the user's text"
         if not all(label in messages[0]["content"] for label in LABELS):
             return "the system prompt must list the taxonomy"
-        fmt = body.get("response_format", {})
-        if fmt.get("type") != "json_schema" or "schema" not in fmt.get("json_schema", {}):
-            return f"response_format {fmt}"
-        enums = _enums(fmt["json_schema"]["schema"])
+        dialect, schema = dialect_of(body)
+        if dialect == "none":
+            return None
+        if schema is None:
+            return f"response_format {body['response_format']} without a schema"
+        enums = _enums(schema)
         if not enums or any(e != LABELS for e in enums):
             return "label fields must be an enum of the taxonomy"
         return None
@@ -194,8 +236,10 @@ def test_unreachable_server_is_a_failure_not_a_crash():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket closes
-    result = OpenAILabeler(f"http://127.0.0.1:{port}/v1", MODEL, retries=1, backoff_s=0.01).label_captions(["x y"])
-    assert "connection error" in result[0].error
+    unreachable = OpenAILabeler(f"http://127.0.0.1:{port}/v1", MODEL, retries=1, backoff_s=0.01)
+    result = unreachable.label_captions(["x y", "y z", "z x"])
+    assert all("connection error" in r.error and "--llm-url" in r.error for r in result)
+    assert unreachable.requests_sent == 2  # the first caption's two attempts; the run stopped there
 
 
 def test_keeps_at_most_concurrency_requests_in_flight(server):
@@ -244,3 +288,63 @@ def test_label_cache_skips_the_llm_for_known_captions(server, redis_url):
     assert server.count("error500 never cached") == 6  # failures are not cached: 3 attempts per run
     other_prompt = LabelCache.from_url(redis_url, MODEL, PROMPT_VERSION + "-next")
     assert other_prompt.get_many("caption", ["cached caption"]) == {}
+
+
+def test_auto_finds_the_llama_cpp_dialect_once_and_keeps_it(server):
+    server.knows, server.refusal = {"json_object"}, LLAMA_CPP_REFUSAL
+    llm = labeler(server)
+    result = llm.label_captions([f"caption number {i}" for i in range(6)])
+    assert all(r.error is None and r.phrases for r in result)
+    assert llm.dialect == "json_object"
+    assert server.dialects == {"json_schema": 1, "json_object": 6}  # one refused probe, then one request each
+    assert llm.label_captions(["one more"])[0].error is None
+    assert server.dialects == {"json_schema": 1, "json_object": 7}
+
+
+def test_without_structured_output_plain_json_is_checked_and_repaired_once(server):
+    server.knows = set()
+    llm = labeler(server)
+    result = {r.caption: r for r in llm.label_captions(["repairable words", "garbled words", "fine words"])}
+    assert llm.dialect == "none"
+    assert result["repairable words"].error is None and server.count("repairable words") == 2
+    assert "malformed answer" in result["garbled words"].error and server.count("garbled words") == 2
+    assert result["fine words"].error is None and server.count("fine words") == 1
+
+
+@pytest.mark.parametrize("structured, refusal", [("json_schema", LLAMA_CPP_REFUSAL), ("json_object", VLLM_REFUSAL)])
+def test_a_request_refused_as_invalid_stops_the_run_with_one_message(server, structured, refusal):
+    server.knows, server.refusal = set(), refusal
+    result = labeler(server, structured=structured, concurrency=1).label_captions([f"caption {i}" for i in range(8)])
+    (message,) = {r.error for r in result}
+    assert server.url in message and f"--llm-structured {structured}" in message
+    assert f"HTTP {refusal[0]}" in message and "fix: pass --llm-structured auto" in message
+    assert sum(server.dialects.values()) == 1  # not retried, and nothing sent after it
+
+
+@pytest.mark.parametrize("word, fix", [("locked401", "LV_LLM_API_KEY"), ("missing404", "--llm-model")])
+def test_refused_keys_and_models_stop_the_run_naming_the_fix(server, word, fix):
+    result = labeler(server, concurrency=1).label_captions([f"{word} one", f"{word} two"])
+    assert all(fix in r.error and server.url in r.error for r in result)
+    assert server.count(f"{word} one") + server.count(f"{word} two") == 1
+
+
+def test_phrases_not_in_the_caption_are_flagged(server):
+    [result] = labeler(server).label_captions(["a Dog  invented"])
+    assert [(p.text, p.unmatched) for p in result.phrases] == [
+        ("a", None), ("Dog", None), ("invented", None), ("a purple elephant", True)
+    ]
+
+
+def test_categorize_command_exits_nonzero_with_one_error_line_when_nothing_is_labelled(server, tmp_path, capsys):
+    server.knows = set()
+    captions, out = tmp_path / "captions.json", tmp_path / "labels.json"
+    captions.write_text(json.dumps({"layer_0": ["a red car", "two dogs"], "layer_1": ["a red car"]}))
+    llm = ["--backend", "openai", "--llm-url", server.url, "--llm-model", MODEL, "--out", str(out)]
+    assert main(["categorize", str(captions), *llm, "--llm-structured", "json_schema"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: no caption could be labelled (3 of 3 failed)")
+    assert server.url in errors[0] and "--llm-structured json_schema" in errors[0]
+    assert all(e["error"] for layer in json.loads(out.read_text()).values() for e in layer)
+    # the same server with the default (auto) labels them
+    assert main(["categorize", str(captions), *llm]) == 0
+    assert all(e["phrases"] for layer in json.loads(out.read_text()).values() for e in layer)

@@ -63,20 +63,21 @@ def analyze(
     caption entropy per layer when entropies (layer -> one value per caption) are given."""
     taxonomy = taxonomy or load_taxonomy()
     layers = sorted(labels)
-    rows, counts = zip(*(class_percentages(labels[layer], taxonomy) for layer in layers), strict=True)
+    per_layer = [class_percentages(labels[layer], taxonomy) for layer in layers]
+    rows, counts = [row for row, _ in per_layer], [count for _, count in per_layer]
     return Analysis(
         taxonomy_version=taxonomy.version,
         layers=layers,
         classes=taxonomy.classes,
-        percent=[list(r) for r in rows],
+        percent=rows,
         plotted=_plotted(taxonomy, rows),
-        counts=list(counts),
+        counts=counts,
         mean_entropy=[_mean(entropies.get(layer, [])) for layer in layers] if entropies else None,
     )
 
 
 def _plotted(taxonomy: Taxonomy, rows: Sequence[Sequence[float]]) -> list[str]:
-    peak = {cls: max(r[i] for r in rows) for i, cls in enumerate(taxonomy.classes)}
+    peak = {cls: max((r[i] for r in rows), default=0.0) for i, cls in enumerate(taxonomy.classes)}
     shown = [cls for cls in taxonomy.classes if peak[cls] >= taxonomy.plot_threshold_percent]
     order = list(taxonomy.plot_names)  # the reference figure's order, then the rest by peak
     return sorted(shown, key=lambda c: (order.index(c), 0.0) if c in order else (len(order), -peak[c]))

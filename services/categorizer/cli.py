@@ -1,11 +1,17 @@
 """`latent-verbalizer categorize` and `latent-verbalizer analyze`.
 
 categorize CAPTIONS --backend embedded|openai --out LABELS.json
-    CAPTIONS: {"layer_0": [captions], ...} or a results.jsonl from `verbalize`
+    CAPTIONS: {"layer_0": [captions], ...} or a results.jsonl from `verbalize` (then LABELS carries each
+    caption's image id and mean entropy)
 categorize --phrases PHRASES.json --backend ... --out OUT.json
-    PHRASES: a JSON list of phrases; OUT: the list of their label lists (main label first)
+    PHRASES: a JSON list of phrases; OUT: [{"text": phrase, "labels": [main, ...]}, ...]
 analyze LABELS.json --out DIR [--entropy FILE]
 analyze --reference-format FOLDER --out DIR      (the reference's raw LLM answers, layer_N.json)
+analyze RESULTS.jsonl --out DIR [--references REFS.jsonl]   (grounding per layer only: shared/grounding.py)
+analyze LABELS.json --results RESULTS.jsonl ...   (the labels' report plus the run's grounding)
+
+A file that cannot be used is one `error:` line and exit 2; a run in which nothing could be labelled
+writes its output and exits 1 with the reason.
 """
 
 from __future__ import annotations
@@ -13,16 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+from collections import Counter
 from pathlib import Path
 
 from services.categorizer.analysis import analyze
-from services.categorizer.files import read_captions, read_entropies, read_labels, write_labels
+from services.categorizer.files import (
+    BadFile,
+    read_captions,
+    read_entropies,
+    read_labels,
+    read_phrases,
+    write_labels,
+)
 from services.categorizer.reference import read_reference_labels
 from services.categorizer.report import write_report
 from services.categorizer.stage import categorize, categorize_phrases, make_labeler
+from shared.grounding import grounding_outputs, read_references, read_results
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
+STRUCTURED = ["auto", "json_schema", "json_object", "none"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,62 +48,132 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"categorize": _run_categorize, "analyze": _run_analyze}[args.command](args)
+    try:
+        return {"categorize": _run_categorize, "analyze": _run_analyze}[args.command](args)
+    except BadFile as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _categorize_arguments(parser: argparse.ArgumentParser) -> None:
+    s = get_settings()
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("captions", nargs="?", type=Path, help="captions per layer (.json) or results.jsonl")
     source.add_argument("--phrases", type=Path, help="a JSON list of phrases to label as they are")
-    parser.add_argument("--backend", choices=["embedded", "openai"], help="default: LV_CATEGORIZER_BACKEND")
-    parser.add_argument("--llm-url", help="openai: API base URL (default: LV_LLM_URL)")
-    parser.add_argument("--llm-model", help="openai: model name (default: LV_LLM_MODEL)")
-    parser.add_argument("--concurrency", type=int, help="openai: requests in flight (default: LV_LLM_CONCURRENCY)")
+    parser.add_argument("--backend", choices=["embedded", "openai"],
+                        help=f"default: {s.categorizer_backend} (LV_CATEGORIZER_BACKEND)")
+    parser.add_argument("--llm-url", help=f"openai: API base URL (default: {s.llm_url}, LV_LLM_URL)")
+    parser.add_argument("--llm-model", help=f"openai: model name (default: {s.llm_model}, LV_LLM_MODEL)")
+    parser.add_argument("--llm-structured", choices=STRUCTURED,
+                        help=f"openai: the server's structured-output dialect, see docs/llm_servers.md (default: "
+                             f"{s.llm_structured}, LV_LLM_STRUCTURED; auto: found by the first request)")
+    parser.add_argument("--concurrency", type=int,
+                        help=f"openai: requests in flight (default: {s.llm_concurrency}, LV_LLM_CONCURRENCY)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the labels (.json)")
 
 
 def _run_categorize(args: argparse.Namespace) -> int:
-    overrides = {"llm_url": args.llm_url, "llm_model": args.llm_model, "llm_concurrency": args.concurrency}
+    overrides = {"llm_url": args.llm_url, "llm_model": args.llm_model, "llm_structured": args.llm_structured,
+                 "llm_concurrency": args.concurrency}
     settings = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    labeler = make_labeler(args.backend or settings.categorizer_backend, settings)
+    # The input is read (and refused) before a backend loads.
+    source = read_phrases(args.phrases) if args.phrases else read_captions(args.captions)
+    backend = args.backend or settings.categorizer_backend
+    if backend == "openai" and not settings.llm_url:
+        print("error: the openai backend needs the LLM server's URL: --llm-url or LV_LLM_URL", file=sys.stderr)
+        return 2
+    labeler = make_labeler(backend, settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.phrases:
-        phrases = json.loads(args.phrases.read_text())
-        args.out.write_text(json.dumps(categorize_phrases(phrases, labeler), indent=1))
-        log.info("phrases labelled", extra={"phrases": len(phrases), "out": str(args.out)})
-        return 0
-    captions, entropies = read_captions(args.captions)
+        labels = categorize_phrases(source, labeler)
+        args.out.write_text(json.dumps([{"text": p, "labels": x} for p, x in zip(source, labels)], indent=1))
+        failed = sum(not x for x in labels)
+        log.info("phrases labelled", extra={"phrases": len(labels), "failed": failed, "out": str(args.out)})
+        return _all_failed(failed, len(labels), "phrase", "see the warnings above")
     # One call over all layers: identical captions (frequent in early layers) are labelled once.
-    flat = categorize([c for layer in captions.values() for c in layer], labeler)
+    flat = categorize([c for layer in source.captions.values() for c in layer], labeler)
     labels, start = {}, 0
-    for layer, layer_captions in captions.items():
+    for layer, layer_captions in source.captions.items():
         labels[layer] = flat[start : start + len(layer_captions)]
         start += len(layer_captions)
-    write_labels(args.out, labels, entropies)
-    failed = sum(c.error is not None for c in flat)
-    log.info("captions labelled", extra={"captions": len(flat), "failed": failed, "out": str(args.out)})
+    write_labels(args.out, labels, source.ids, source.entropies)
+    errors = Counter(c.error for c in flat if c.error is not None)
+    log.info("captions labelled", extra={"captions": len(flat), "failed": errors.total(), "out": str(args.out)})
+    return _all_failed(errors.total(), len(flat), "caption", errors.most_common(1)[0][0] if errors else "")
+
+
+def _all_failed(failed: int, total: int, what: str, reason: str) -> int:
+    """Exit status 1, with the reason, when not one of the run's inputs got labels."""
+    if failed and failed == total:
+        print(f"error: no {what} could be labelled ({failed} of {total} failed): {reason}", file=sys.stderr)
+        return 1
+    if failed:
+        log.warning(f"some {what}s were not labelled", extra={"failed": failed, "of": total, "reason": reason})
     return 0
 
 
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("labels", type=Path, help="LABELS.json from categorize, or a folder with --reference-format")
+    parser.add_argument("labels", type=Path, help="LABELS.json from categorize, a folder with --reference-format, or"
+                        " a results.jsonl (then only its grounding per layer)")
     parser.add_argument(
         "--reference-format", action="store_true", help="LABELS is a folder of raw LLM answers (layer_N.json)"
     )
     parser.add_argument("--entropy", type=Path, help="mean entropy per caption: results.jsonl or {layer_N: [...]}")
     parser.add_argument("--out", type=Path, required=True, help="folder for distribution.csv, figure.png, ...")
+    grounding = parser.add_argument_group("grounding (grounding.csv, grounding.png, summary.json's `grounding`)")
+    grounding.add_argument("--results", type=Path, help="the run's results.jsonl, for LABELS.json made from it")
+    grounding.add_argument("--references", type=Path, help="reference captions: JSON lines {\"id\": ..., "
+                           "\"captions\": [...]}, or a synthetic scenes' manifest.jsonl")
+    grounding.add_argument("--java-metrics", action="store_true",
+                           help="also METEOR (and SPICE, when its CoreNLP jars are installed) against the references;"
+                                " needs java; METEOR's start-up takes ~40 s")
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
     extra: dict = {"source": str(args.labels)}
+    results_only = args.labels.suffix == ".jsonl" and not args.reference_format
+    grounding, grounding_paths = _grounding(args.labels if results_only else args.results, args)
+    if grounding is not None:
+        extra["grounding"] = grounding
+    if results_only:
+        return _write_grounding_summary(args.out, extra, grounding_paths)
     if args.reference_format:
-        labels, unparsed = read_reference_labels(args.labels)
+        try:
+            labels, unparsed = read_reference_labels(args.labels)
+        except (OSError, ValueError) as e:
+            raise BadFile(f"{args.labels}: not a folder of raw LLM answers ({e})") from None
         entropies = None
         extra["unparsed_answers"] = unparsed
     else:
         labels, entropies = read_labels(args.labels)
     if args.entropy:
         entropies = read_entropies(args.entropy)
-    paths = write_report(analyze(labels, entropies), args.out, extra)
-    log.info("analysis written", extra={"files": ", ".join(str(p) for p in paths), **extra})
+    paths = write_report(analyze(labels, entropies), args.out, extra) + grounding_paths
+    log.info("analysis written", extra={"files": ", ".join(str(p) for p in paths), "source": extra["source"]})
+    return 0
+
+
+def _grounding(results: Path | None, args: argparse.Namespace) -> tuple[dict | None, list[Path]]:
+    """The grounding block and files of a results.jsonl (None, [] without one, or when it has no grounding)."""
+    if results is None:
+        if args.references:
+            raise BadFile("--references needs the run's results: pass results.jsonl (as LABELS or --results)")
+        return None, []
+    try:
+        parsed = read_results(results)
+        references = read_references(args.references) if args.references else None
+    except (OSError, ValueError) as e:
+        raise BadFile(str(e)) from None
+    block, paths = grounding_outputs(parsed, args.out, references, args.java_metrics)
+    if block is None:
+        print(f"note: {results} has no grounding fields (verbalized with --no-grounding?): no grounding outputs",
+              file=sys.stderr)
+    return block, paths
+
+
+def _write_grounding_summary(out: Path, extra: dict, paths: list[Path]) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = out / "summary.json"
+    summary.write_text(json.dumps(extra, indent=1, allow_nan=False))
+    log.info("grounding written", extra={"files": ", ".join(str(p) for p in [*paths, summary])})
     return 0

@@ -1,27 +1,51 @@
 """The categorizer's files. Captions come in the reference layout {"layer_0": [captions], ...} or as
-the results.jsonl that `verbalize` writes; labels go out as {"layer_0": [{"caption", "phrases",
-"error"?, "mean_entropy"?}], ...}, in image order (images without captions left out)."""
+the results.jsonl that `verbalize` writes; labels go out as {"layer_0": [{"id"?, "caption", "phrases",
+"error"?, "mean_entropy"?}], ...}, in image order (images without captions left out). `id` (the
+image's id) and `mean_entropy` are there when the input had them (results.jsonl); with captions.json
+the i-th entry of every layer is the i-th image. A file that cannot be used raises BadFile, naming
+the file and what is wrong with it."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from services.categorizer.models import CaptionLabels
 from shared.schemas import ImageResult
 
 _LAYER_KEY = re.compile(r"layer_(\d+)")
 
+_NAMES = {str: "strings (captions)", dict: "objects (labelled captions)", (int, float): "numbers"}
+
 Captions = dict[int, list[str]]
 Entropies = dict[int, list[float]]
 
 
-def load_layered(path: Path) -> dict[int, list]:
-    """A file {"layer_N": [...], ...} as {N: [...]}, layers in order."""
-    doc = json.loads(Path(path).read_text())
-    if not isinstance(doc, dict) or not all(_LAYER_KEY.fullmatch(k) for k in doc):
-        raise ValueError(f"{path}: expected an object with keys layer_0, layer_1, ...")
+class BadFile(ValueError):
+    """An input file that cannot be used; the message names it and says why."""
+
+
+@dataclass
+class CaptionFile:
+    """Captions per layer; from results.jsonl also each caption's image id and mean entropy."""
+
+    captions: Captions
+    ids: dict[int, list[str]] | None = None
+    entropies: Entropies | None = None
+
+
+def load_layered(path: Path, item: type = object) -> dict[int, list]:
+    """A file {"layer_N": [item, ...], ...} as {N: [...]}, layers in order."""
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or not doc or not all(_LAYER_KEY.fullmatch(k) for k in doc):
+        raise BadFile(f"{path}: expected a JSON object with keys layer_0, layer_1, ...")
+    for key, values in doc.items():
+        if not isinstance(values, list) or not all(isinstance(v, item) for v in values):
+            raise BadFile(f"{path}: {key} must be a list of {_NAMES.get(item) or item.__name__}")
     return dict(sorted((int(_LAYER_KEY.fullmatch(k).group(1)), v) for k, v in doc.items()))
 
 
@@ -29,39 +53,56 @@ def dump_layered(path: Path, layers: dict[int, list]) -> None:
     Path(path).write_text(json.dumps({f"layer_{layer}": v for layer, v in sorted(layers.items())}))
 
 
-def read_captions(path: Path) -> tuple[Captions, Entropies | None]:
-    """Captions per layer, and each caption's mean entropy when the file has them (results.jsonl)."""
+def read_captions(path: Path) -> CaptionFile:
+    """The captions per layer (with ids and mean entropies when the file is a results.jsonl)."""
     path = Path(path)
     if path.suffix == ".jsonl":
         return _read_results(path)
-    return {layer: [str(c) for c in captions] for layer, captions in load_layered(path).items()}, None
+    return CaptionFile(load_layered(path, str))
 
 
-def _read_results(path: Path) -> tuple[Captions, Entropies]:
-    captions: Captions = {}
-    entropies: Entropies = {}
-    for line in path.read_text().splitlines():
+def _read_results(path: Path) -> CaptionFile:
+    found = CaptionFile({}, {}, {})
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
-        result = ImageResult.model_validate_json(line)
+        try:
+            result = ImageResult.model_validate_json(line)
+        except ValidationError as e:
+            raise BadFile(f"{path} line {n}: not a result line of `verbalize` ({_first_error(e)})") from None
         for layer in result.layers or []:  # images that failed have no captions to label
-            captions.setdefault(layer.layer, []).append(layer.caption)
-            entropies.setdefault(layer.layer, []).append(layer.mean_entropy)
-    return dict(sorted(captions.items())), dict(sorted(entropies.items()))
+            found.captions.setdefault(layer.layer, []).append(layer.caption)
+            found.ids.setdefault(layer.layer, []).append(result.id)
+            found.entropies.setdefault(layer.layer, []).append(layer.mean_entropy)
+    if not found.captions:
+        raise BadFile(f"{path}: no captions (no line with layers)")
+    return CaptionFile(*(dict(sorted(d.items())) for d in (found.captions, found.ids, found.entropies)))
 
 
 def read_entropies(path: Path) -> Entropies:
     """Mean entropy per caption: results.jsonl, or the reference layout {"layer_0": [floats], ...}."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        return _read_results(path)[1]
-    return {layer: [float(v) for v in values] for layer, values in load_layered(path).items()}
+        return _read_results(path).entropies
+    return {layer: [float(v) for v in values] for layer, values in load_layered(path, (int, float)).items()}
 
 
-def write_labels(path: Path, labels: dict[int, list[CaptionLabels]], entropies: Entropies | None = None) -> None:
+def read_phrases(path: Path) -> list[str]:
+    phrases = _read_json(path)
+    if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+        raise BadFile(f"{path}: expected a JSON list of phrases (strings)")
+    return phrases
+
+
+def write_labels(
+    path: Path, labels: dict[int, list[CaptionLabels]], ids: dict[int, list[str]] | None = None,
+    entropies: Entropies | None = None,
+) -> None:
     out = {}
     for layer, captions in labels.items():
         entries = [c.model_dump(exclude_none=True) for c in captions]
+        for entry, image_id in zip(entries, (ids or {}).get(layer, []), strict=False):
+            entry["id"] = image_id
         for entry, value in zip(entries, (entropies or {}).get(layer, []), strict=False):
             entry["mean_entropy"] = value
         out[layer] = entries
@@ -69,11 +110,36 @@ def write_labels(path: Path, labels: dict[int, list[CaptionLabels]], entropies: 
 
 
 def read_labels(path: Path) -> tuple[dict[int, list[CaptionLabels]], Entropies | None]:
-    layers = load_layered(path)
-    labels = {layer: [CaptionLabels.model_validate(e) for e in entries] for layer, entries in layers.items()}
+    layers = load_layered(path, dict)
+    try:
+        labels = {layer: [CaptionLabels.model_validate(e) for e in entries] for layer, entries in layers.items()}
+    except ValidationError as e:
+        raise BadFile(f"{path}: not labels from `categorize` ({_first_error(e)})") from None
     entropies = {
         layer: [e["mean_entropy"] for e in entries]
         for layer, entries in layers.items()
         if entries and all("mean_entropy" in e for e in entries)
     }
     return labels, entropies or None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise BadFile(f"{path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise BadFile(f"{path}: not a text file (UTF-8)") from None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise BadFile(f"{path}: not valid JSON ({e})") from None
+
+
+def _first_error(e: ValidationError) -> str:
+    error = e.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]

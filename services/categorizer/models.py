@@ -14,6 +14,7 @@ class Phrase(BaseModel):
 
     @property
     def main(self) -> str:
+    unmatched: bool | None = Field(None, description="True: the text is not in the caption (an LLM rewrote it)")
         return self.labels[0]
 
 

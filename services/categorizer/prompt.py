@@ -1,7 +1,8 @@
 """What the `openai` backend asks the LLM, and the JSON schema its answer must follow.
 
 The schema's label fields are an enum of the taxonomy, so a server with structured output (vLLM's
-`response_format` json_schema) can only produce answers that parse and stay on the list. Bump
+`response_format` json_schema, llama.cpp's json_object + schema) can only produce answers that parse
+and stay on the list; without it the prompt asks for the same JSON and the answer is checked. Bump
 PROMPT_VERSION whenever the prompt, the examples or the schema change: it is part of the cache key."""
 
 from __future__ import annotations
@@ -118,6 +119,23 @@ def phrase_schema(taxonomy: Taxonomy) -> dict:
     }
 
 
-def response_format(name: str, schema: dict) -> dict:
-    """OpenAI structured output; vLLM turns it into guided decoding."""
-    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
+def response_format(dialect: str, name: str, schema: dict) -> dict | None:
+    """The request's `response_format` in a server's structured-output dialect (docs/llm_servers.md):
+    json_schema (OpenAI; vLLM, SGLang and Ollama turn it into constrained decoding), json_object with
+    the schema beside it (llama.cpp / llama-cpp-python), or none (the prompt alone asks for JSON)."""
+    if dialect == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
+    if dialect == "json_object":
+        return {"type": "json_object", "schema": schema}
+    if dialect == "none":
+        return None
+    raise ValueError(f"unknown structured-output dialect {dialect!r} (json_schema | json_object | none)")
+
+
+def repair_messages(answer: str, problem: str) -> list[dict[str, str]]:
+    """What follows an unusable answer (from a server without structured output) to ask once more."""
+    return [
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": f"That answer is not usable ({problem}). Answer again with the JSON only,"
+                                    " in the format asked for, with labels from the list."},
+    ]

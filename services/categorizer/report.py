@@ -1,5 +1,7 @@
 """An Analysis as files: distribution.csv (rows: layers, columns: merged classes), figure.png (stacked
-area of the plotted classes over layers), entropy.png (when entropies were given) and summary.json."""
+area of the plotted classes over layers), entropy.png (when entropies were given) and summary.json.
+With nothing to plot (every caption failed, or no class reaches the plot threshold) the files are
+still written: summary.json says why in `note`, and figure.png shows that note instead of areas."""
 
 from __future__ import annotations
 
@@ -23,15 +25,30 @@ def write_report(analysis: Analysis, out_dir: Path, extra: dict | None = None) -
     taxonomy = load_taxonomy()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    note = _note(analysis, taxonomy)
     paths = [
         _write_csv(analysis, out_dir / "distribution.csv"),
-        _plot_classes(analysis, taxonomy, out_dir / "figure.png"),
+        _plot_classes(analysis, taxonomy, out_dir / "figure.png", note),
     ]
     if analysis.mean_entropy is not None:
         paths.append(plot_entropy(analysis.layers, analysis.mean_entropy, out_dir / "entropy.png"))
     summary = out_dir / "summary.json"
-    summary.write_text(json.dumps({**_summary(analysis, taxonomy), **(extra or {})}, indent=1, allow_nan=False))
+    notes = {"note": note} if note else {}
+    summary.write_text(json.dumps({**_summary(analysis, taxonomy), **notes, **(extra or {})}, indent=1,
+                                  allow_nan=False))
     return [*paths, summary]
+
+
+def _note(analysis: Analysis, taxonomy: Taxonomy) -> str | None:
+    """Why the figure has no areas; None when it has some."""
+    if analysis.plotted:
+        return None
+    if not any(c.counted for c in analysis.counts):
+        failed = sum(c.failed for c in analysis.counts)
+        captions = sum(c.captions for c in analysis.counts)
+        return (f"no labels: none of the {captions} captions was labelled ({failed} failed; each caption's error"
+                " says why)")
+    return f"no class reaches {taxonomy.plot_threshold_percent:g}% of a caption's phrases in any layer"
 
 
 def _write_csv(analysis: Analysis, path: Path) -> Path:
@@ -43,8 +60,15 @@ def _write_csv(analysis: Analysis, path: Path) -> Path:
     return path
 
 
-def _plot_classes(analysis: Analysis, taxonomy: Taxonomy, path: Path) -> Path:
+def _plot_classes(analysis: Analysis, taxonomy: Taxonomy, path: Path, note: str | None) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
+    ax.set_title("What each layer's caption talks about")
+    ax.set(xlabel="encoder layer", ylabel="mean percentage of class", ylim=(0, 100))
+    if note:
+        ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
     columns = [analysis.classes.index(c) for c in analysis.plotted]
     ax.stackplot(
         analysis.layers,
@@ -52,10 +76,9 @@ def _plot_classes(analysis: Analysis, taxonomy: Taxonomy, path: Path) -> Path:
         labels=[taxonomy.plot_name(c) for c in analysis.plotted],
         colors=[taxonomy.color(c) for c in analysis.plotted],
     )
-    ax.set(xlabel="encoder layer", ylabel="mean percentage of class", ylim=(0, 100))
-    ax.set_xlim(analysis.layers[0], analysis.layers[-1])
+    if len(analysis.layers) > 1:
+        ax.set_xlim(analysis.layers[0], analysis.layers[-1])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("What each layer's caption talks about")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, reverse=True)
     fig.tight_layout()
     fig.savefig(path)
