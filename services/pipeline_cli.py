@@ -1,7 +1,10 @@
 """`latent-verbalizer verbalize PATH... --out DIR`: the embedded pipeline, one process, no Redis.
 
 Writes DIR/results.jsonl (one ImageResult per input image, in input order, streamed as it goes) and
-DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]})."""
+DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}).
+With grounding (the default; --no-grounding turns it off) every caption carries its grounding
+measures; once the last image is done results.jsonl is rewritten with the retrieval ranks, and
+DIR/prior.json holds the gray image's caption per layer ({"layer_<i>": caption})."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from services.cli_common import (
     model_from_args,
     parse_layers,
 )
+from services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
 from services.pipeline import verbalize
 from shared.images import DEFAULT_MAX_PIXELS, iter_items
 from shared.models import ModelError
@@ -43,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--save-features", action="store_true",
                    help="also save each image's raw per-block outputs to DIR/features/<id>.safetensors")
+    g = p.add_argument_group("grounding (is each caption about its image?)")
+    g.add_argument("--no-grounding", dest="grounding", action="store_false",
+                   help="skip image_score, retrieval_rank, prior and last_layer_similarity")
+    g.add_argument("--gallery", type=int, default=s.grounding_gallery,
+                   help="most images a caption's retrieval rank is taken among (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         params = decode_params_from_args(args)
         layers = parse_layers(args.layers)
         items = iter_items(args.paths)
+        if args.gallery < 2:
+            raise ValueError(f"--gallery {args.gallery}: a gallery needs at least 2 images")
         lm = model_from_args(args)
     except (ModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -58,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
     captions: dict[str, list[str]] = {}
     n_ok = n_err = 0
     t0 = time.perf_counter()
+    grounding = RunEmbeddings() if args.grounding else None
     try:
         results = verbalize(lm, items, layers, params, args.batch_size, args.decode_batch,
-                            args.out / "features" if args.save_features else None, args.max_pixels)
+                            args.out / "features" if args.save_features else None, args.max_pixels, grounding)
         with open(args.out / "results.jsonl", "w") as f:
             for r in tqdm(results, unit="img", desc="verbalize", disable=None):
                 f.write(r.model_dump_json(exclude_none=True) + "\n")
@@ -75,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (args.out / "captions.json").write_text(json.dumps(captions, indent=1))
+    if grounding is not None and grounding.ids:
+        rewrite_with_ranks(args.out / "results.jsonl", grounding.ranks(args.gallery))
+        write_prior(args.out / "prior.json", grounding.null_captions)
     log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2),
                             "out": str(args.out)})
     return 0 if n_ok or not n_err else 1

@@ -11,7 +11,11 @@ Semantics follow open_clip's `CoCa.generate` so the same settings give the same 
   - a row is finished when it emits the end token or the pad id 0 (open_clip pads with 0, which is
     also the BPE token "!"; a 0-terminated caption keeps that one "!").
 Per caption we keep the token ids (start/end excluded), the entropy in bits of the full softmax of
-the model's raw logits at every generated step (end token included), and their mean.
+the model's raw logits at every generated step (end token included), and their mean; with `embed`,
+also its contrastive text embedding (services.decoder.text_embedding): greedy and sampled rows get it
+from their own text-tower caches, copied aside when the row leaves the batch and finished with one
+batched step for all rows at the end; beam captions are recomputed from their final tokens through
+the same cached steps.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from services.decoder import beam
 from services.decoder.model import TextDecoder
 from services.decoder.sampling import block_end_token, choose, entropy_bits, repetition_penalty
+from services.decoder.text_embedding import TextStates, embed, recompute
 from shared.models import LoadedModel
 from shared.schemas import DecodeParams, LayerCaption
 
@@ -33,6 +38,7 @@ class Decoded:
     text: str
     tokens: list[int]
     entropy: list[float]
+    text_embedding: torch.Tensor | None = None  # [E] float32, not normalised (with `embed`)
 
     @property
     def mean_entropy(self) -> float:
@@ -45,9 +51,11 @@ def decode(
     params: DecodeParams = DecodeParams(),
     row_keys: torch.Tensor | None = None,
     batch_rows: int = 256,
+    embed_text: bool = False,
 ) -> list[Decoded]:
     """latents [R, N, D] -> R captions. `row_keys` [R] (int64) identify rows for seeded sampling
-    (default: the row index); give the same key to get the same sampled caption in any batch."""
+    (default: the row index); give the same key to get the same sampled caption in any batch.
+    `embed_text`: also each caption's text embedding."""
     decoder = TextDecoder.of(lm.model)
     if params.seq_len > decoder.max_len:
         raise ValueError(f"seq_len {params.seq_len} exceeds the text tower's {decoder.max_len} positions")
@@ -60,10 +68,22 @@ def decode(
         keys = row_keys[start : start + batch_rows].to(lm.device)
         if params.strategy == "beam":
             tokens, entropy = beam.search(decoder, lm, rows, params)
+            embeddings = _recompute(decoder, lm, tokens, params.seq_len) if embed_text else None
         else:
-            tokens, entropy = _decode_batch(decoder, lm, rows, params, keys)
-        out += [Decoded(lm.tokenizer.decode(t).strip(), t, e) for t, e in zip(tokens, entropy)]
+            tokens, entropy, embeddings = _decode_batch(decoder, lm, rows, params, keys, embed_text)
+        out += [Decoded(lm.tokenizer.decode(t).strip(), t, e, None if embeddings is None else embeddings[i])
+                for i, (t, e) in enumerate(zip(tokens, entropy))]
     return out
+
+
+def _recompute(decoder: TextDecoder, lm: LoadedModel, tokens: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Text embeddings [B, E] of finished captions (tokens without start and end token)."""
+    ids = torch.full((len(tokens), seq_len), lm.pad_id, dtype=torch.long)
+    end = torch.zeros(len(tokens), dtype=torch.long)  # position of each caption's end token
+    for i, t in enumerate(tokens):
+        seq = [lm.sot_id, *t] + ([] if t and t[-1] == lm.pad_id else [lm.eot_id])  # a 0-ended caption keeps its 0
+        ids[i, : len(seq)], end[i] = torch.tensor(seq), len(seq) - 1
+    return recompute(decoder, ids.to(lm.device), end.to(lm.device), lm.pad_id)
 
 
 def row_key(image_id: str, layer: int) -> int:
@@ -84,7 +104,12 @@ def caption_layers(
     L, n = latents.shape[:2]
     rows = latents.transpose(0, 1).reshape(n * L, *latents.shape[2:])  # [n*L, N, D]
     keys = torch.tensor([row_key(i, layer) for i in image_ids for layer in layers], dtype=torch.long)
-    decoded = decode(lm, rows, params, keys, batch_rows)
+    return layer_captions(decode(lm, rows, params, keys, batch_rows), layers, n)
+
+
+def layer_captions(decoded: list[Decoded], layers: list[int], n: int) -> list[list[LayerCaption]]:
+    """Image-major decoded rows (n images x L layers) -> per image, its caption at every layer."""
+    L = len(layers)
     return [
         [
             LayerCaption(layer=layer, caption=d.text, tokens=d.tokens, entropy=d.entropy,
@@ -97,11 +122,13 @@ def caption_layers(
 
 @torch.inference_mode()
 def _decode_batch(
-    decoder: TextDecoder, lm: LoadedModel, image_tokens: torch.Tensor, params: DecodeParams, keys: torch.Tensor
-) -> tuple[list[list[int]], list[list[float]]]:
+    decoder: TextDecoder, lm: LoadedModel, image_tokens: torch.Tensor, params: DecodeParams, keys: torch.Tensor,
+    embed_text: bool = False,
+) -> tuple[list[list[int]], list[list[float]], torch.Tensor | None]:
     B, S, device = image_tokens.shape[0], params.seq_len, image_tokens.device
     image_keys = decoder.image_keys(image_tokens)  # [B, N, D], read by every decoder layer
     caches = decoder.new_caches(B, S, device)
+    finished = TextStates(decoder, B, S, device) if embed_text else None  # text-tower states of finished rows
     seqs = torch.full((B, S), lm.pad_id, dtype=torch.long, device=device)  # start + generated
     seqs[:, 0] = lm.sot_id
     entropy = torch.zeros(B, S - 1, device=device)
@@ -121,6 +148,9 @@ def _decode_batch(
         seqs[alive, cur_len] = token
         steps[alive] += 1
         done = (token == lm.eot_id) | (token == lm.pad_id)
+        if finished is not None and done.any():
+            which = done.nonzero()[:, 0]
+            finished.keep(alive[which], caches[: len(decoder.text_blocks)], which)
         if done.all():
             break
         if done.any():  # drop finished rows from the batch, the caches and the image keys
@@ -129,7 +159,10 @@ def _decode_batch(
             for cache in caches:
                 cache.keep(keep)
             image_keys = image_keys.index_select(0, keep)
-    return _finish(seqs, steps, entropy, lm.eot_id)
+    tokens, entropies = _finish(seqs, steps, entropy, lm.eot_id)
+    # The end token of each row sits at position steps (start token at 0): not yet fed to the text tower.
+    embeddings = None if finished is None else embed(decoder, finished, seqs, steps, steps.clone(), lm.pad_id)
+    return tokens, entropies, embeddings
 
 
 def _finish(seqs: torch.Tensor, steps: torch.Tensor, entropy: torch.Tensor, eot_id: int):

@@ -8,6 +8,12 @@ the residual stream x_i after EVERY block i. Shapes, for N images of T = 1 + gri
     hidden -> pool -> latents [L, N, Q-1, D]              (Q = pooler queries, D = embed dim)
 
 Everything runs in ONE forward pass; the pooler runs as one batched call over layers x images.
+
+Grounding also wants the contrastive image embedding, exactly `model.encode_image` (unnormalised):
+the pooled token 0 of the tower's LAST block, after ln_post, times visual.proj. `encode_grounded`
+captures the whole tower for it (`with_last`) and takes it from the same pooler call:
+
+    hidden [L', N, T, C] -> pool -> pooled [L', N, Q, D] -> latents [L, N, Q-1, D], embeddings [N, E]
 """
 
 from __future__ import annotations
@@ -77,6 +83,18 @@ def pool_layers(visual: VisionTransformer, hidden: torch.Tensor) -> torch.Tensor
     """The model's own attentional pooler + ln_post applied to every layer at once.
     hidden [L, N, T, C] -> latents [L, N, Q-1, D] (the first pooled token, the contrastive
     embedding, is dropped as in `CoCa._encode_image`)."""
+    return _latents(visual, _pool(visual, hidden))
+
+
+def _latents(visual: VisionTransformer, pooled: torch.Tensor) -> torch.Tensor:
+    """pooled [L, N, Q, D] -> the tokens the decoder reads [L, N, Q-1, D] (open_clip's split)."""
+    L, N, Q, D = pooled.shape
+    _, tokens = visual._global_pool(pooled.reshape(L * N, Q, D))  # [L*N, Q-1, D]
+    return tokens.reshape(L, N, tokens.shape[1], D)
+
+
+def _pool(visual: VisionTransformer, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [L, N, T, C] -> every pooled token after ln_post [L, N, Q, D]."""
     pool = visual.attn_pool
     if pool is None or visual.attn_pool_contrastive is not None:
         raise ValueError("vision tower has no CoCa attentional pooler (attn_pool) to read layers through")
@@ -99,11 +117,38 @@ def pool_layers(visual: VisionTransformer, hidden: torch.Tensor) -> torch.Tensor
     v = F.linear(x, w_v, b_v).view(L * N, T, H, D // H).transpose(1, 2)
     out = F.scaled_dot_product_attention(q.expand(L * N, -1, -1, -1), k, v)  # [L*N, H, Q, D/H]
     out = mha.out_proj(out.transpose(1, 2).reshape(L * N, Q, D))  # [L*N, Q, D]
-    _, tokens = visual._global_pool(visual.ln_post(out))  # [L*N, Q-1, D]
-    return tokens.reshape(L, N, tokens.shape[1], D)
+    return visual.ln_post(out).reshape(L, N, Q, D)
 
 
 @torch.inference_mode()
 def encode(visual: VisionTransformer, pixels: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """pixels [N, 3, H, W] -> latents [L, N, Q-1, D] for the selected layers."""
     return pool_layers(visual, capture_blocks(visual, pixels, layers))
+
+
+def with_last(visual: VisionTransformer, layers: list[int]) -> list[int]:
+    """The blocks to capture when the image embedding is wanted too: the selected ones, then the
+    tower's last block unless it is selected (the embedding reads it, whatever the selection)."""
+    last = len(visual.transformer.resblocks) - 1
+    return layers if last in layers else [*layers, last]
+
+
+@torch.inference_mode()
+def pool_grounded(
+    visual: VisionTransformer, hidden: torch.Tensor, layers: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [L', N, T, C] captured for `with_last(visual, layers)` -> (latents [L, N, Q-1, D] of the
+    selected layers, contrastive image embeddings [N, E]: the last block's pooled token 0 @ visual.proj,
+    what `model.encode_image(pixels, normalize=False)` gives)."""
+    pooled = _pool(visual, hidden)  # [L', N, Q, D]
+    last = with_last(visual, layers).index(len(visual.transformer.resblocks) - 1)
+    embedding, _ = visual._global_pool(pooled[last])  # [N, D]
+    return _latents(visual, pooled[: len(layers)]), embedding @ visual.proj  # [N, E]
+
+
+@torch.inference_mode()
+def encode_grounded(
+    visual: VisionTransformer, pixels: torch.Tensor, layers: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels [N, 3, H, W] -> (latents [L, N, Q-1, D], image embeddings [N, E]); see `pool_grounded`."""
+    return pool_grounded(visual, capture_blocks(visual, pixels, with_last(visual, layers)), layers)
