@@ -34,31 +34,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from shared.schemas import ImageResult
+
 log = logging.getLogger(__name__)
 
 References = dict[str, list[str]]  # image id -> reference captions
 _WORD = re.compile(r"[a-z0-9]+")
-
-
-class CaptionGrounding(BaseModel):
-    """What grounding reads of one layer record of results.jsonl (other fields are ignored)."""
-
-    layer: int
-    caption: str
-    image_score: float | None = None
-    retrieval_rank: int | None = None
-    gallery_size: int | None = None
-    prior: bool | None = None
-    prior_overlap: float | None = None
-    last_layer_similarity: float | None = None
-
-
-class ResultGrounding(BaseModel):
-    """What grounding reads of one line of results.jsonl."""
-
-    id: str
-    meta: dict | None = None
-    layers: list[CaptionGrounding] | None = None
 
 
 class LayerGrounding(BaseModel):
@@ -120,7 +101,7 @@ def read_references(path: Path) -> References:
     return refs
 
 
-def references_from_meta(results: Sequence[ResultGrounding]) -> References:
+def references_from_meta(results: Sequence[ImageResult]) -> References:
     """Reference captions carried in each result's meta: key.txt (one per line) and key.json's caption(s)."""
     refs: References = {}
     for r in results:
@@ -145,18 +126,18 @@ def _captions_of(entry: dict) -> list[str] | None:
 # ---- per-layer measures ----
 
 
-def as_results(results: Sequence[BaseModel | Mapping]) -> list[ResultGrounding]:
-    """Results (ImageResult objects or results.jsonl lines as dicts) that have captions, as grounding reads them."""
-    parsed = [ResultGrounding.model_validate(r.model_dump() if isinstance(r, BaseModel) else r) for r in results]
+def as_results(results: Sequence[ImageResult | Mapping]) -> list[ImageResult]:
+    """The results (ImageResult objects, or results.jsonl lines as dicts) that have captions."""
+    parsed = [r if isinstance(r, ImageResult) else ImageResult.model_validate(r) for r in results]
     return [r for r in parsed if r.layers]
 
 
-def has_grounding(results: Sequence[ResultGrounding]) -> bool:
+def has_grounding(results: Sequence[ImageResult]) -> bool:
     return any(c.image_score is not None for r in results for c in r.layers or [])
 
 
 def layer_grounding(
-    results: Sequence[BaseModel | Mapping], references: References | None = None, java: bool = False
+    results: Sequence[ImageResult | Mapping], references: References | None = None, java: bool = False
 ) -> Grounding | None:
     """Per-layer grounding of `results`; None when no caption carries grounding fields (a run with
     grounding off). References from the results' meta are used, and `references` on top. `java`: also
@@ -315,7 +296,7 @@ def write_grounding(grounding: Grounding, out_dir: Path) -> list[Path]:
 
 
 def grounding_outputs(
-    results: Sequence[BaseModel | Mapping], out_dir: Path, references: References | None = None,
+    results: Sequence[ImageResult | Mapping], out_dir: Path, references: References | None = None,
     java: bool = False,
 ) -> tuple[dict | None, list[Path]]:
     """For a finished run: (summary.json's `grounding` block, the files written), or (None, []) when the
@@ -390,12 +371,12 @@ def plot_grounding(grounding: Grounding, path: Path) -> Path:
     return path
 
 
-def read_results(path: Path) -> list[ResultGrounding]:
+def read_results(path: Path) -> list[ImageResult]:
     """results.jsonl as grounding reads it; raises ValueError naming the bad line."""
     out = []
     for n, line in _lines(path):
         try:
-            out.append(ResultGrounding.model_validate_json(line))
+            out.append(ImageResult.model_validate_json(line))
         except ValidationError as e:
             raise ValueError(f"{path}:{n}: not a result line: {e.errors()[0]['msg']}") from e
     return out
