@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.artifacts import ArtifactStore
+from shared.grounding import grounding_outputs
 from shared.jobs import JobRecord
 from shared.schemas import ImageResult
 
@@ -30,11 +31,14 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> str | None:
         return f"no image could be captioned ({len(results)} tried): {first}"
     staging = store.staging(job.id)
     extra = {"job": job.id, "images": len(results), "failed_images": len(results) - len(captioned)}
+    grounding, grounding_files = grounding_outputs(captioned, staging)  # grounding.csv/png; none when it was off
+    if grounding is not None:
+        extra["grounding"] = grounding
     if job.options.categorize:
         files = _categorized_report(captioned, staging, extra)
     else:
         files = _entropy_summary(captioned, staging, extra)
-    store.publish(job.id, files)
+    store.publish(job.id, files + grounding_files)
     shutil.rmtree(staging, ignore_errors=True)
     return None
 

@@ -26,12 +26,14 @@ class Links(BaseModel):
     figure: str
     entropy: str
     distribution: str
+    grounding: str = Field(description="grounding.png, the grounding curves per layer (404 when grounding was off)")
 
     @classmethod
     def of(cls, job_id: str) -> Links:
         base = f"/v1/jobs/{job_id}"
         return cls(self=base, results=f"{base}/results", summary=f"{base}/summary", figure=f"{base}/figure.png",
-                   entropy=f"{base}/entropy.png", distribution=f"{base}/distribution.csv")
+                   entropy=f"{base}/entropy.png", distribution=f"{base}/distribution.csv",
+                   grounding=f"{base}/grounding.png")
 
 
 class JobCreated(BaseModel):

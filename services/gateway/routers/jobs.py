@@ -65,6 +65,8 @@ OUTPUTS = {  # endpoint file -> (media type, needs categorization)
     "figure.png": ("image/png", True),
     "entropy.png": ("image/png", False),
     "distribution.csv": ("text/csv", True),
+    "grounding.png": ("image/png", False),  # grounding outputs: 404 when the job ran with grounding off
+    "grounding.csv": ("text/csv", False),
 }
 
 
@@ -162,6 +164,17 @@ def get_entropy(request: Request, job: Job) -> FileResponse:
             response_class=FileResponse)
 def get_distribution(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "distribution.csv")
+
+
+@router.get("/jobs/{job_id}/grounding.png", summary="Grounding curves per layer (image score, R@1, prior share)",
+            response_class=FileResponse)
+def get_grounding_figure(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "grounding.png")
+
+
+@router.get("/jobs/{job_id}/grounding.csv", summary="Grounding measures per layer", response_class=FileResponse)
+def get_grounding_table(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "grounding.csv")
 
 
 def _file(request: Request, job: JobRecord, name: str) -> FileResponse:

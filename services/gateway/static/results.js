@@ -78,6 +78,7 @@ export class ResultsView {
       categorized && { href: links.distribution, name: `${short}-distribution.csv`, label: "Distribution", kind: ".csv" },
       categorized && { href: links.figure, name: `${short}-figure.png`, label: "Class figure", kind: ".png" },
       { href: links.entropy, name: `${short}-entropy.png`, label: "Entropy figure", kind: ".png" },
+      ...groundingDownloads(job, summary, short),
     ].filter(Boolean);
     const images = this.state.records.length;
     const failed = this.state.records.filter((r) => r.error).length;
@@ -102,7 +103,13 @@ export class ResultsView {
           "Stacked area chart: for each encoder layer, the mean share of caption phrases whose main label falls in each class.",
           this.legend(summary, palette)),
         this.figure(links.entropy, "entropy-img", "Mean caption entropy per layer",
-          "Line chart: mean token entropy in bits of the captions of each encoder layer.", null)),
+          "Line chart: mean token entropy in bits of the captions of each encoder layer.", null),
+        summary && summary.grounding
+          ? this.figure(groundingUrl(job, "grounding.png"), "grounding-img", "Grounding per layer",
+            "Line charts over encoder layers: mean image score (cosine of caption and image), similarity to the last " +
+            "layer's caption, retrieval R@1, share of captions equal to the null-input caption, and scores against " +
+            "reference captions where the images had them.", null)
+          : null),
     );
     if (summary && summary.layers) panel.append(this.layerTable(summary, palette));
     return panel;
@@ -387,6 +394,7 @@ export class ResultsView {
         h("th", { scope: "row", class: "layer-num" }, String(l.layer)),
         h("td", { class: "caption-cell" },
           h("p", { class: "caption" }, l.caption || h("span", { class: "muted" }, "(empty caption)")),
+          groundingMark(l),
           categorized ? this.chips(l, palette) : null),
         h("td", { class: "entropy-cell" },
           h("div", { class: "entropy" },
@@ -421,6 +429,35 @@ export class ResultsView {
           h("span", { class: "chip-class" }, h("span", { class: "visually-hidden" }, ": "), palette.name(cls)));
       }));
   }
+}
+
+// ---- grounding (shared/grounding.py): the job's curves, and a mark per caption ----
+
+function groundingUrl(job, name) {
+  return `${job.links.self}/${name}`;
+}
+
+function groundingDownloads(job, summary, short) {
+  if (!summary || !summary.grounding) return [];
+  return [
+    { href: groundingUrl(job, "grounding.csv"), name: `${short}-grounding.csv`, label: "Grounding", kind: ".csv" },
+    { href: groundingUrl(job, "grounding.png"), name: `${short}-grounding.png`, label: "Grounding figure", kind: ".png" },
+  ];
+}
+
+/** A caption's image score (and rank among the job's images); "prior" when it equals the null-input caption. */
+function groundingMark(layer) {
+  if (!Number.isFinite(layer.image_score)) return null;
+  const rank = Number.isInteger(layer.retrieval_rank) ? ` · rank ${layer.retrieval_rank}/${layer.gallery_size}` : "";
+  return h("p", { class: "grounding small" },
+    h("span", { class: "grounding-mark",
+      title: "Image score: cosine of the caption's and the image's contrastive embeddings (the model's own judgement " +
+        "of the fit); rank: where this image comes among the job's images for this caption (1 = best)" },
+      `score ${layer.image_score.toFixed(2)}${rank}`),
+    layer.prior
+      ? h("span", { class: "prior-mark", title: "The decoder says exactly this for a blank gray image at this layer: " +
+          "the caption is its prior, not a reading of the image" }, "prior")
+      : null);
 }
 
 function plural(n, word) {
