@@ -62,7 +62,7 @@ def _categorize_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--phrases", type=Path, help="a JSON list of phrases to label as they are")
     parser.add_argument("--backend", choices=["embedded", "openai"],
                         help=f"default: {s.categorizer_backend} (LV_CATEGORIZER_BACKEND)")
-    parser.add_argument("--llm-url", help=f"openai: API base URL (default: {s.llm_url}, LV_LLM_URL)")
+    parser.add_argument("--llm-url", help=f"openai: API base URL (default: {s.llm_url or 'unset'}, LV_LLM_URL)")
     parser.add_argument("--llm-model", help=f"openai: model name (default: {s.llm_model}, LV_LLM_MODEL)")
     parser.add_argument("--llm-structured", choices=STRUCTURED,
                         help=f"openai: the server's structured-output dialect, see docs/llm_servers.md (default: "

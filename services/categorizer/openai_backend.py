@@ -38,10 +38,11 @@ MAX_RETRY_AFTER_S = 30.0
 T = TypeVar("T")
 Dialect = Literal["json_schema", "json_object", "none"]
 PROBE_ORDER: tuple[Dialect, ...] = ("json_schema", "json_object", "none")
-# A 5xx whose body says this was not the server failing but the request being refused
-# (llama-cpp-python answers an unknown response_format with HTTP 500).
+# A 5xx whose body says this was not the server failing but the request being refused (llama-cpp-python
+# answers an unknown response_format with HTTP 500 "Input should be 'text' or 'json_object'", older
+# llama.cpp servers with 500 "response_format type must be one of ...").
 _INVALID_BODY = re.compile(r"invalid|not supported|unsupported|validation|unrecognized|not allowed|extra inputs|"
-                           r"input should be|bad request", re.IGNORECASE)
+                           r"input should be|must be one of|bad request", re.IGNORECASE)
 _FORMAT_STATUSES = (400, 422)  # what a server answers a response_format it does not know
 
 
@@ -116,6 +117,8 @@ class OpenAILabeler:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAILabeler:
+        if not settings.llm_url:
+            raise ValueError("the openai backend needs the LLM server's URL: LV_LLM_URL (or --llm-url)")
         cache = None
         if settings.redis_url:
             cache = LabelCache.from_url(
