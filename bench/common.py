@@ -18,6 +18,30 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+TRAINING_SEEDS = (0, 1)  # the demo model's training scenes (seed 0) and its checks (seed 1)
+
+
+def scene_parser(description: str, seed: int) -> argparse.ArgumentParser:
+    """base_parser plus the synthetic-scene benches' options: --n, --seed (refused if a training seed), and
+    the model (default: the shipped demo model). Parse with `parse_scene_args`."""
+    from shared.settings import DEMO_MODEL, DEMO_PRETRAINED
+
+    p = base_parser(description)
+    p.add_argument("--n", type=int, default=200, help="number of scenes")
+    p.add_argument("--seed", type=int, default=seed, help=f"scene seed, not one of {TRAINING_SEEDS}")
+    p.add_argument("--model", default=DEMO_MODEL)
+    p.add_argument("--pretrained", default=DEMO_PRETRAINED)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def parse_scene_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    args = p.parse_args()
+    if args.seed in TRAINING_SEEDS:
+        p.error(f"seed {args.seed} was used in training; pick another")
+    return args
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

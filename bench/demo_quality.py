@@ -17,25 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import base_parser  # noqa: E402
+from bench.common import parse_scene_args, scene_parser  # noqa: E402
 from services.demo.evaluate import layer_shares, scene_items  # noqa: E402
 from services.pipeline import verbalize  # noqa: E402
 from shared.models import load_model  # noqa: E402
-from shared.settings import DEMO_MODEL, DEMO_PRETRAINED  # noqa: E402
-
-TRAINING_SEEDS = (0, 1)
 
 
 def main() -> int:
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=200, help="number of scenes")
-    p.add_argument("--seed", type=int, default=2024, help=f"scene seed, not one of {TRAINING_SEEDS}")
-    p.add_argument("--model", default=DEMO_MODEL)
-    p.add_argument("--pretrained", default=DEMO_PRETRAINED)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args()
-    if args.seed in TRAINING_SEEDS:
-        p.error(f"seed {args.seed} was used in training; pick another")
+    args = parse_scene_args(scene_parser(__doc__.splitlines()[0], seed=2024))
     lm = load_model(args.model, args.pretrained, args.device)
     items, truth = scene_items(args.seed, args.n)
     t0 = time.perf_counter()

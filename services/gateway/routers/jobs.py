@@ -21,7 +21,8 @@ from services.gateway.schemas import (
     OptionsOut,
     ShardJobRequest,
 )
-from services.gateway.submit import submit
+from services.gateway.backends import usable_backends
+from services.gateway.submit import check_backend, submit
 from services.gateway.uploads import (
     JSON_BODY_BYTES,
     check_length,
@@ -29,7 +30,8 @@ from services.gateway.uploads import (
     read_uploads,
     resolve_shards,
 )
-from shared.jobs import ACTIVE, JobOptions, JobRecord, JobStatus, new_job_id
+from shared.heartbeat import WorkerBeat, live_workers
+from shared.jobs import ACTIVE, STAGE_COUNTER, STAGES, JobOptions, JobRecord, JobStatus, new_job_id
 from shared.queue import cancel_queued
 from shared.schemas import resolve_layers
 from shared.taxonomy import load_taxonomy
@@ -112,7 +114,10 @@ def _checked_options(options: JobOptions, gw: Gateway) -> JobOptions:
             raise HTTPException(422, f"bad options at layers: {e} ({gw.model.name})") from e
     if max_len is not None and options.decode.seq_len > max_len:
         raise HTTPException(422, f"bad options at decode.seq_len: {gw.model.name} allows at most {max_len}")
-    return options.model_copy(update={"layers": layers, "backend": options.backend or gw.settings.categorizer_backend})
+    backend = options.backend or gw.settings.categorizer_backend
+    checked = options.model_copy(update={"layers": layers, "backend": backend})
+    check_backend(gw, checked)
+    return checked
 
 
 @router.get("/jobs", response_model=JobList, summary="Recent jobs, newest first")
@@ -121,8 +126,12 @@ def list_jobs(request: Request, limit: int = Query(50, ge=1, le=500)) -> JobList
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Status and progress")
-async def get_job(job: Job) -> JobOut:
-    return JobOut.of(job)
+def get_job(request: Request, job: Job) -> JobOut:
+    waiting_for = None
+    if job.status in ACTIVE:  # the stages it still needs that no worker can run now
+        pending = tuple(s for s in job.stages if getattr(job, STAGE_COUNTER[s]) < job.total)
+        waiting_for = gateway(request).unserved(pending) or None
+    return JobOut.of(job, waiting_for)
 
 
 @router.delete("/jobs/{job_id}", response_model=Deleted, summary="Cancel an active job, or delete an ended one")
@@ -190,7 +199,7 @@ def _output(request: Request, job: JobRecord, name: str) -> Path:
         raise HTTPException(409, f"job is {job.status.value}{reason}; outputs exist once it has succeeded")
     path = gateway(request).store.output(job.id, name)
     if not path.is_file():
-        raise HTTPException(404, f"{name} is gone (expired or deleted)")
+        raise HTTPException(404, f"no {name} (expired, deleted, or not made: see the job's warnings)")
     return path
 
 
@@ -201,10 +210,17 @@ def get_options(request: Request) -> OptionsOut:
     return OptionsOut(
         model=gw.model,
         defaults=JobOptions(backend=s.categorizer_backend),
-        backends=["embedded", "openai"],
+        backends=usable_backends(s),
+        llm=gw.llm.status() if gw.llm else None,
+        workers=_workers_by_stage(gw),
         url_shards=s.allow_url_shards,
         limits=Limits(max_upload_bytes=s.max_upload_bytes, max_files=s.max_files,
                       max_image_pixels=s.max_image_pixels, chunk_size=s.chunk_size),
         schema=JobOptions.model_json_schema(),
         taxonomy=load_taxonomy().model_dump(include={"version", "colors", "merged_classes", "plot_names"}),
     )
+
+
+def _workers_by_stage(gw: Gateway) -> dict[str, list[WorkerBeat]]:
+    workers = live_workers(gw.client, gw.settings.redis_prefix)
+    return {stage: [w for w in workers if w.stage == stage] for stage in STAGES}
