@@ -3,15 +3,21 @@ lines in chunk order), the summary and figures (the categorizer's analysis and r
 categorized; per-layer entropy, as summary.json and entropy.png, when it was not). Safe to run twice:
 every file is replaced whole.
 
+Labelling never loses captions: captions whose labelling failed are in results.jsonl with their
+`label_error`, and the job succeeds with a warning saying how many; should the labels' report itself
+fail, the entropy summary stands in for it, with a warning.
+
 The report modules are imported inside the functions: matplotlib and the analysis load only in the
 process that finishes a job."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.artifacts import ArtifactStore
@@ -19,42 +25,65 @@ from shared.grounding import grounding_outputs
 from shared.jobs import JobRecord
 from shared.schemas import ImageResult
 
+log = logging.getLogger(__name__)
 
-def write_outputs(store: ArtifactStore, job: JobRecord) -> str | None:
-    """Write the job's outputs; when no image got captions, only results.jsonl, and return why."""
+
+@dataclass
+class Outputs:
+    failure: str | None = None  # why the job fails: no image could be captioned (only results.jsonl is written)
+    warnings: list[str] = field(default_factory=list)  # what went wrong in a job that still succeeds
+
+
+def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
+    """Write the job's outputs."""
     kind = "labels" if job.options.categorize else "captions"
     results_path = store.write_results(job.id, kind, job.chunks)
     results = [json.loads(line) for line in results_path.read_text().splitlines()]
     captioned = [r for r in results if r.get("layers")]
     if not captioned:
         first = next((r["error"] for r in results if r.get("error")), "no images")
-        return f"no image could be captioned ({len(results)} tried): {first}"
+        return Outputs(failure=f"no image could be captioned ({len(results)} tried): {first}")
     staging = store.staging(job.id)
     extra = {"job": job.id, "images": len(results), "failed_images": len(results) - len(captioned)}
     grounding, grounding_files = grounding_outputs(captioned, staging)  # grounding.csv/png; none when it was off
     if grounding is not None:
         extra["grounding"] = grounding
+    outputs = Outputs()
     if job.options.categorize:
-        files = _categorized_report(captioned, staging, extra)
+        files = _categorized_report(captioned, staging, extra, outputs.warnings)
     else:
         files = _entropy_summary(captioned, staging, extra)
     store.publish(job.id, files + grounding_files)
     shutil.rmtree(staging, ignore_errors=True)
-    return None
+    return outputs
 
 
-def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict) -> list[Path]:
+def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict, warnings: list[str]) -> list[Path]:
+    """The labels' report; what went wrong with the labels is added to `warnings`."""
     from services.categorizer.analysis import analyze
+    from services.categorizer.models import LabeledResult
     from services.categorizer.report import write_report
-    from services.categorizer.worker import LabeledResult
 
     labels: dict[int, list] = {}
     entropies: dict[int, list[float]] = {}
+    errors: list[str] = []
     for raw in results:
         for layer in LabeledResult.model_validate(raw).layers:
             labels.setdefault(layer.layer, []).append(layer.labels())
             entropies.setdefault(layer.layer, []).append(layer.mean_entropy)
-    return write_report(analyze(labels, entropies), out_dir, extra)
+            if layer.label_error is not None:
+                errors.append(layer.label_error)
+    if errors:
+        total = sum(len(v) for v in labels.values())
+        warnings.append(f"labelling failed for {len(errors)} of {total} captions (first reason: {errors[0]}); every"
+                        " caption is in the results, a failed one with its label_error")
+    try:
+        return write_report(analyze(labels, entropies), out_dir, {**extra, "warnings": warnings})
+    except Exception as e:  # a report bug must not cost the job its captions
+        log.exception("labels report failed; entropy summary written instead", extra={"job": extra["job"]})
+        warnings.append(f"the labels' summary and figures could not be made ({type(e).__name__}: {e}); summary.json"
+                        " and entropy.png hold the per-layer entropy instead")
+        return _entropy_summary(results, out_dir, {**extra, "warnings": warnings})
 
 
 def _entropy_summary(results: Sequence[dict], out_dir: Path, extra: dict) -> list[Path]:

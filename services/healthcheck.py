@@ -2,22 +2,20 @@
 Kubernetes probes run it inside the container).
 
 gateway: GET /healthz on the configured host and port answers 200.
-worker encoder|decoder|categorizer: a worker of that stage's queue on this host has sent a heartbeat
-to RQ's registry within the last WORKER_TTL_S seconds (idle workers beat every 45 s, busy ones
-every lease_s / 3)."""
+worker encoder|decoder|categorizer: a worker of that stage on this host has a live heartbeat
+(shared.heartbeat: renewed every few seconds) and is ready or busy, not still loading its model."""
 
 from __future__ import annotations
 
 import argparse
 import socket
 import sys
-from datetime import datetime, timezone
 
 import httpx
 import redis
-from rq import Queue, Worker
 
-from shared.queue import ROLES, WORKER_TTL_S, connect
+from shared.heartbeat import live_workers
+from shared.queue import ROLES, connect
 from shared.settings import get_settings
 
 TIMEOUT_S = 3.0
@@ -50,16 +48,16 @@ def _gateway() -> tuple[bool, str]:
     return response.status_code == 200, f"gateway /healthz: {response.status_code}"
 
 
-def _worker(queue: str) -> tuple[bool, str]:
-    client = connect(get_settings(), timeout_s=TIMEOUT_S)
+def _worker(stage: str) -> tuple[bool, str]:
+    settings = get_settings()
     try:
-        workers = Worker.all(queue=Queue(queue, connection=client))
+        workers = live_workers(connect(settings, timeout_s=TIMEOUT_S), settings.redis_prefix)
     except redis.RedisError as e:
         return False, f"redis unreachable: {e}"
-    now = datetime.now(timezone.utc)
     here = socket.gethostname()
-    fresh = [w for w in workers if w.hostname == here and w.last_heartbeat is not None
-             and (now - w.last_heartbeat.replace(tzinfo=timezone.utc)).total_seconds() < WORKER_TTL_S]
-    if fresh:
-        return True, f"{queue} worker {fresh[0].name}: heartbeat fresh"
-    return False, f"no {queue} worker on {here} with a heartbeat in the last {WORKER_TTL_S} s"
+    mine = [w for w in workers if w.stage == stage and w.host == here]
+    if working := [w for w in mine if w.working]:
+        return True, f"{stage} worker {working[0].id}: {working[0].state}"
+    if mine:
+        return False, f"{stage} worker {mine[0].id} is still {mine[0].state}"
+    return False, f"no {stage} worker on {here} with a live heartbeat"

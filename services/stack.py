@@ -1,7 +1,8 @@
 """`latent-verbalizer serve [--host H] [--port P] [model flags] [--llm-url URL]`: the whole service on one
-machine. Redis (a private redis-server on a free port when LV_REDIS_URL does not answer), the three
+machine. Redis (a private redis-server on a free port, unless LV_REDIS_URL names one), the three
 workers and the gateway, each a child process of this one, which watches them: a child that dies is
-restarted (a killed worker's chunk is redone once its lease lapses). Ctrl-C or SIGTERM stops it all:
+restarted (a killed worker's chunk is redone once its lease lapses). It logs "serving" once the
+gateway's /readyz says every stage has a worker ready with the model. Ctrl-C or SIGTERM stops it all:
 the gateway first, then the workers (each finishes the task in hand; one that takes too long is
 killed, its chunk redone on the next start), then the private Redis. A second Ctrl-C kills at once.
 
@@ -29,7 +30,7 @@ import httpx
 import redis
 
 from services.cli_common import add_model_args
-from shared.queue import ROLES, redis_url
+from shared.queue import ROLES
 from shared.settings import get_settings
 
 log = logging.getLogger("serve")
@@ -38,7 +39,7 @@ STOP_TIMEOUT_S = 30.0  # a worker's time to finish its task after SIGTERM
 QUICK_EXIT_S = 60.0  # a child that dies sooner after starting counts as failing to start
 MAX_QUICK_EXITS = 3
 USAGE_ERROR = 2  # a worker's exit code for a bad setting (model, weights): restarting cannot help
-READY_TIMEOUT_S = 120.0
+READY_NOTE_EVERY_S = 15.0  # while not ready, say why this often
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,10 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-url", default=None,
                    help="OpenAI-compatible LLM endpoint (e.g. vLLM): the categorizer's default backend becomes"
                         " openai (default: the embedded offline labeler)")
-
     p.add_argument("--llm-structured", default=None, choices=["auto", "json_schema", "json_object", "none"],
                    help=f"the LLM server's structured-output dialect, see docs/llm_servers.md (default:"
                         f" {s.llm_structured}, LV_LLM_STRUCTURED)")
+
 
 class Child:
     """One supervised process."""
@@ -101,12 +102,21 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     env = _child_env(args)
+    settings = get_settings()
     with tempfile.TemporaryDirectory(prefix="lv-redis-") as redis_dir:
         private_redis = None
-        if not _answers(env["LV_REDIS_URL"]):
+        if settings.redis_url:
+            if not _answers(settings.redis_url):
+                print(f"error: LV_REDIS_URL={settings.redis_url} does not answer (unset it for a private "
+                      "redis-server)", file=sys.stderr)
+                return 2
+            env["LV_REDIS_URL"] = settings.redis_url
+            log.info("using the redis of LV_REDIS_URL", extra={"url": settings.redis_url,
+                                                               "prefix": settings.redis_prefix})
+        else:
             if shutil.which("redis-server") is None:
-                print(f"error: no Redis at {env['LV_REDIS_URL']} and no redis-server to start "
-                      "(install it: make system-deps, or set LV_REDIS_URL)", file=sys.stderr)
+                print("error: no redis-server to start (install it: make system-deps, or set LV_REDIS_URL)",
+                      file=sys.stderr)
                 return 2
             private_redis, env["LV_REDIS_URL"] = _start_redis(redis_dir, env)
             everyone.append(private_redis)
@@ -118,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             for child in children:
                 child.start()
-            _announce_when_ready(args.host, args.port, stop)
-            return _supervise(children, stop)
+            return _supervise(children, stop, ReadyWatch(args.host, args.port))
         finally:
             gateway.stop(STOP_TIMEOUT_S)
             _in_parallel([lambda w=w: w.stop(STOP_TIMEOUT_S) for w in workers])
@@ -137,21 +146,21 @@ def worker_threads() -> int:
 
 def _child_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(LV_MODEL=args.model, LV_PRETRAINED=str(args.pretrained), LV_DEVICE=args.device, LV_DTYPE=args.dtype,
-               LV_REDIS_URL=redis_url(get_settings()))
+    env.update(LV_MODEL=args.model, LV_PRETRAINED=str(args.pretrained), LV_DEVICE=args.device, LV_DTYPE=args.dtype)
     env.setdefault("OMP_NUM_THREADS", str(worker_threads()))  # torch's CPU threads per process
     if args.llm_url:
         env.update(LV_LLM_URL=args.llm_url, LV_CATEGORIZER_BACKEND="openai")
+    if args.llm_structured:
+        env.update(LV_LLM_STRUCTURED=args.llm_structured)
     return env
 
 
-def _supervise(children: list[Child], stop: threading.Event) -> int:
+def _supervise(children: list[Child], stop: threading.Event, ready: ReadyWatch) -> int:
     """Restart children that exit; give up on one that reports a bad setting (exit 2) or keeps dying
-    right after it starts (exit 1)."""
+    right after it starts (exit 1). Announce when the service is ready."""
     while not stop.wait(0.5):
+        ready.check()
         for child in children:
-    if args.llm_structured:
-        env.update(LV_LLM_STRUCTURED=args.llm_structured)
             if not child.exited():
                 continue
             code = child.proc.returncode
@@ -190,17 +199,32 @@ def _start_redis(data_dir: str, env: dict[str, str]) -> tuple[Child, str]:
     return child, url
 
 
-def _announce_when_ready(host: str, port: int, stop: threading.Event) -> None:
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not stop.is_set() and time.monotonic() < deadline:
+class ReadyWatch:
+    """Logs "serving" once the gateway's /readyz answers 200 (every stage has a worker ready with the
+    model); until then, every READY_NOTE_EVERY_S, what it still waits for."""
+
+    def __init__(self, host: str, port: int) -> None:
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.base = f"http://{host}:{port}"
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per probe
+        self.ready = False
+        self.started = self.noted = time.monotonic()
+
+    def check(self) -> None:
+        if self.ready:
+            return
         try:
-            if httpx.get(f"http://{host}:{port}/healthz", timeout=1).status_code == 200:
-                log.info("serving", extra={"url": f"http://{host}:{port}/", "docs": f"http://{host}:{port}/docs"})
-                return
-        except httpx.HTTPError:
-            pass
-        stop.wait(0.2)
+            response = httpx.get(f"{self.base}/readyz", timeout=1)
+            self.ready = response.status_code == 200
+            why = response.json().get("detail", "") if not self.ready else ""
+        except (httpx.HTTPError, ValueError) as e:
+            why = f"gateway not answering yet ({type(e).__name__})"
+        if self.ready:
+            log.info("serving", extra={"url": f"{self.base}/", "docs": f"{self.base}/docs",
+                                       "ready_after_s": round(time.monotonic() - self.started, 1)})
+        elif time.monotonic() - self.noted > READY_NOTE_EVERY_S:
+            self.noted = time.monotonic()
+            log.info("not serving yet", extra={"waiting_s": round(time.monotonic() - self.started), "why": why})
 
 
 def _free_port() -> int:

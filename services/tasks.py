@@ -44,7 +44,8 @@ def context() -> Context:
     """The worker process's connections, made on first use."""
     settings = get_settings()
     client = connect(settings, timeout_s=30)
-    return Context(settings, client, JobStore(client, settings.job_ttl_s), ArtifactStore(settings.artifact_dir))
+    jobs = JobStore(client, settings.job_ttl_s, settings.redis_prefix)
+    return Context(settings, client, jobs, ArtifactStore(settings.artifact_dir))
 
 
 _model: LoadedModel | None = None
@@ -93,8 +94,12 @@ def run_chunk(stage: str, job_id: str, chunk: int, work: Callable[[Context, JobR
 
 
 def finish_job(ctx: Context, job: JobRecord) -> None:
-    """The last chunk is done: write the job's outputs, then end it."""
-    if (failure := write_outputs(ctx.store, job)) is not None:
-        fail_job(ctx.jobs, ctx.store, ctx.settings, job.id, failure)
-    elif ctx.jobs.finish(job.id, JobStatus.succeeded) and not ctx.settings.keep_artifacts:
-        ctx.store.delete_intermediates(job.id)
+    """The last chunk is done: write the job's outputs, then end it (succeeded, with any warnings)."""
+    outputs = write_outputs(ctx.store, job)
+    if outputs.failure is not None:
+        fail_job(ctx.jobs, ctx.store, ctx.settings, job.id, outputs.failure)
+    elif ctx.jobs.finish(job.id, JobStatus.succeeded, warnings=outputs.warnings):
+        if outputs.warnings:
+            log.warning("job succeeded with warnings", extra={"job": job.id, "warnings": outputs.warnings})
+        if not ctx.settings.keep_artifacts:
+            ctx.store.delete_intermediates(job.id)

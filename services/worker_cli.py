@@ -2,7 +2,8 @@
 
 It loads its model (encoder, decoder: the CoCa model on the GPU when there is one; categorizer: the
 default labeling backend) once, then runs tasks from its stage's queue in this same process until
-SIGTERM/SIGINT (the task in hand is finished first; a second signal stops at once)."""
+SIGTERM/SIGINT (the task in hand is finished first; a second signal stops at once). Its heartbeat
+(shared.heartbeat) says loading from before the model loads, then ready or busy."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import redis
 
 from services.cli_common import add_model_args, model_from_args
 from services.tasks import use_model
+from shared.heartbeat import Heartbeat, served
 from shared.models import ModelError
-from shared.queue import ROLES, LeaseWorker, connect, redis_url
+from shared.queue import ROLES, LeaseWorker, connect, queue, redis_url
 from shared.settings import get_settings
 
 log = logging.getLogger("worker")
@@ -32,19 +34,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = get_settings()
-    try:
-        _load(args)
-    except (ModelError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stage = ROLES[args.role]
     client = connect(settings)
     if not _wait_for(client):
         print(f"error: redis at {redis_url(settings)} unreachable for {REDIS_WAIT_S} s", file=sys.stderr)
         return 1
-    worker = LeaseWorker([ROLES[args.role]], connection=client, lease_s=settings.lease_s)
-    log.info("worker ready", extra={"role": args.role, "queue": ROLES[args.role], "worker": worker.name})
-    worker.work(burst=args.burst, logging_level=settings.log_level.upper())
-    return 0
+    model, pretrained = served(settings.model_copy(update={"model": args.model, "pretrained": args.pretrained}), stage)
+    heartbeat = Heartbeat(client, settings.redis_prefix, stage, model, pretrained)
+    heartbeat.start()
+    try:
+        try:
+            _load(args)
+        except (ModelError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        stage_queue = queue(client, settings.redis_prefix, stage)
+        worker = LeaseWorker([stage_queue], connection=client, lease_s=settings.lease_s, presence=heartbeat)
+        heartbeat.set_state("ready")
+        log.info("worker ready", extra={"role": args.role, "queue": stage_queue.name, "worker": worker.name,
+                                        "model": model, "pretrained": pretrained})
+        worker.work(burst=args.burst, logging_level=settings.log_level.upper())
+        return 0
+    finally:
+        heartbeat.stop()
 
 
 def _load(args: argparse.Namespace) -> None:

@@ -6,10 +6,12 @@ has finished. Marking a chunk done is one atomic script: the first time a chunk 
 images are counted, a retried or duplicated task changes nothing, and the set's size tells the
 caller whether it finished the last chunk (fan-in).
 
-    lv:job:<id>                hash   status, options, total, chunks, encoded, ..., encode_s, ...
-    lv:job:<id>:done:<stage>   set    chunk indices that stage has finished
-    lv:jobs                    zset   job ids by creation time (the recent-jobs list)
-    lv:metrics                 hash   service-wide counters and stage-latency histograms (/metrics)
+    <prefix>job:<id>                hash   status, options, total, chunks, encoded, ..., encode_s, ...
+    <prefix>job:<id>:done:<stage>   set    chunk indices that stage has finished
+    <prefix>jobs                    zset   job ids by creation time (the recent-jobs list)
+    <prefix>metrics                 hash   service-wide counters and stage-latency histograms (/metrics)
+
+(shared.keys names them; the prefix is LV_REDIS_PREFIX.)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.keys import Keys
 from shared.schemas import DecodeParams
 
 STAGES = ("encode", "decode", "categorize")
@@ -33,8 +36,6 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
 # The categorizer backends services.categorizer.stage.make_labeler accepts (a test keeps them equal).
 CategorizerBackend = Literal["embedded", "openai"]
 
-JOBS_INDEX = "lv:jobs"
-METRICS = "lv:metrics"
 _ID_CHARS = frozenset("0123456789abcdef")
 
 
@@ -79,6 +80,7 @@ class JobRecord(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="what went wrong without failing the job")
     stage_seconds: dict[str, float] = Field(default_factory=dict, description="summed over chunks")
 
     @property
@@ -102,14 +104,6 @@ def new_job_id() -> str:
 def is_job_id(text: str) -> bool:
     """Job ids are 32 lowercase hex digits; anything else never reaches Redis or the file system."""
     return len(text) == 32 and set(text) <= _ID_CHARS
-
-
-def _key(job_id: str) -> str:
-    return f"lv:job:{job_id}"
-
-
-def _done_key(job_id: str, stage: str) -> str:
-    return f"lv:job:{job_id}:done:{stage}"
 
 
 # Move a job to status ARGV[1] (setting the JSON fields ARGV[2]) if its status is one of ARGV[3..].
@@ -144,37 +138,38 @@ return {first, redis.call('SCARD', KEYS[2])}
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, prefix: str) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.keys = Keys(prefix)
         self._transition = client.register_script(_TRANSITION)
         self._chunk_done = client.register_script(_CHUNK_DONE)
 
     def create(self, job_id: str, options: JobOptions, total: int, chunks: int) -> None:
         now = time.time()
         with self.client.pipeline() as pipe:
-            pipe.hset(_key(job_id), mapping={
+            pipe.hset(self.keys.job(job_id), mapping={
                 "status": JobStatus.queued.value, "options": options.model_dump_json(), "total": total,
                 "chunks": chunks, "created_at": now,
             })
-            pipe.expire(_key(job_id), self.ttl_s)
-            pipe.zadd(JOBS_INDEX, {job_id: now})
-            pipe.hincrby(METRICS, "jobs_submitted", 1)
+            pipe.expire(self.keys.job(job_id), self.ttl_s)
+            pipe.zadd(self.keys.jobs, {job_id: now})
+            pipe.hincrby(self.keys.metrics, "jobs_submitted", 1)
             pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
-        return _record(job_id, self.client.hgetall(_key(job_id)))
+        return _record(job_id, self.client.hgetall(self.keys.job(job_id)))
 
     def recent(self, limit: int) -> list[JobRecord]:
         """The newest jobs first; ids whose record expired are dropped from the index."""
-        ids = [i.decode() for i in self.client.zrevrange(JOBS_INDEX, 0, limit - 1)]
+        ids = [i.decode() for i in self.client.zrevrange(self.keys.jobs, 0, limit - 1)]
         with self.client.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hgetall(_key(job_id))
+                pipe.hgetall(self.keys.job(job_id))
             hashes = pipe.execute()
         records = [_record(job_id, h) for job_id, h in zip(ids, hashes)]
         if gone := [job_id for job_id, r in zip(ids, records) if r is None]:
-            self.client.zrem(JOBS_INDEX, *gone)
+            self.client.zrem(self.keys.jobs, *gone)
         return [r for r in records if r is not None]
 
     def begin(self, job_id: str) -> JobRecord | None:
@@ -192,7 +187,7 @@ class JobStore:
         if failed_images:
             increments += ["failed_images", failed_images]
         first, done = self._chunk_done(
-            keys=[_key(job_id), _done_key(job_id, stage)],
+            keys=[self.keys.job(job_id), self.keys.done(job_id, stage)],
             args=[chunk, self.ttl_s, f"{stage}_s", seconds, *increments],
         )
         if first == -1:
@@ -201,48 +196,52 @@ class JobStore:
             self._observe(stage, images, seconds)
         return done
 
-    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> bool:
-        """End an active job (succeeded, failed or cancelled); False when it had already ended."""
-        fields = {"finished_at": time.time(), **({"error": error} if error else {})}
+    def finish(self, job_id: str, status: JobStatus, error: str | None = None, warnings: list[str] | None = None
+               ) -> bool:
+        """End an active job (succeeded, failed or cancelled); False when it had already ended. `warnings`:
+        what went wrong in a job that still succeeded (e.g. captions whose labelling failed)."""
+        fields = {"finished_at": time.time(), **({"error": error} if error else {}),
+                  **({"warnings": json.dumps(warnings)} if warnings else {})}
         moved = self._move(job_id, status, fields, ACTIVE)
         if moved:
-            self.client.expire(_key(job_id), self.ttl_s)  # outputs live job_ttl_s from the end
+            self.client.expire(self.keys.job(job_id), self.ttl_s)  # outputs live job_ttl_s from the end
         return moved
 
     def delete(self, job_id: str) -> None:
         with self.client.pipeline() as pipe:
-            pipe.delete(_key(job_id), *(_done_key(job_id, s) for s in STAGES))
-            pipe.zrem(JOBS_INDEX, job_id)
+            pipe.delete(self.keys.job(job_id), *(self.keys.done(job_id, s) for s in STAGES))
+            pipe.zrem(self.keys.jobs, job_id)
             pipe.execute()
 
     def missing(self, ids: list[str]) -> list[str]:
         """The ids that have no record (never had, or expired)."""
         with self.client.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.exists(_key(job_id))
+                pipe.exists(self.keys.job(job_id))
             exists = pipe.execute()
         return [job_id for job_id, found in zip(ids, exists) if not found]
 
     def prune_index(self, older_than: float) -> None:
         """Drop expired jobs created before `older_than` from the recent-jobs index."""
-        ids = [i.decode() for i in self.client.zrangebyscore(JOBS_INDEX, "-inf", older_than)]
+        ids = [i.decode() for i in self.client.zrangebyscore(self.keys.jobs, "-inf", older_than)]
         if gone := self.missing(ids):
-            self.client.zrem(JOBS_INDEX, *gone)
+            self.client.zrem(self.keys.jobs, *gone)
 
     def _move(self, job_id: str, status: JobStatus, fields: dict, allowed_from) -> bool:
-        result = self._transition(keys=[_key(job_id), METRICS],
+        result = self._transition(keys=[self.keys.job(job_id), self.keys.metrics],
                                   args=[status.value, json.dumps({k: str(v) for k, v in fields.items()}),
                                         *(s.value for s in allowed_from)])
         return result == 1
 
     def _observe(self, stage: str, images: int, seconds: float) -> None:
+        metrics = self.keys.metrics
         with self.client.pipeline(transaction=False) as pipe:
-            pipe.hincrby(METRICS, f"images:{stage}", images)
-            pipe.hincrby(METRICS, f"chunk_seconds:{stage}:count", 1)
-            pipe.hincrbyfloat(METRICS, f"chunk_seconds:{stage}:sum", seconds)
+            pipe.hincrby(metrics, f"images:{stage}", images)
+            pipe.hincrby(metrics, f"chunk_seconds:{stage}:count", 1)
+            pipe.hincrbyfloat(metrics, f"chunk_seconds:{stage}:sum", seconds)
             for bound in LATENCY_BUCKETS:
                 if seconds <= bound:
-                    pipe.hincrby(METRICS, f"chunk_seconds:{stage}:le:{bound}", 1)
+                    pipe.hincrby(metrics, f"chunk_seconds:{stage}:le:{bound}", 1)
             pipe.execute()
 
 
@@ -259,5 +258,6 @@ def _record(job_id: str, raw: dict[bytes, bytes]) -> JobRecord | None:
         **{f: int(h[f]) for f in ("encoded", "captioned", "categorized", "failed_images") if f in h},
         **{f: float(h[f]) for f in ("created_at", "started_at", "finished_at") if f in h},
         error=h.get("error"),
+        warnings=json.loads(h.get("warnings", "[]")),
         stage_seconds={s: float(h[f"{s}_s"]) for s in STAGES if f"{s}_s" in h},
     )

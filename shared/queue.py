@@ -1,7 +1,8 @@
 """Redis and RQ wiring for the gateway and the workers.
 
-One RQ queue per stage (Redis lists rq:queue:encode, rq:queue:decode, rq:queue:categorize; KEDA scales
-the workers on their length). A task is one chunk at one stage, with a deterministic id
+One RQ queue per stage, named with the install's prefix (LV_REDIS_PREFIX, default `lv:`): queues
+lv:encode, lv:decode, lv:categorize, which RQ keeps as the Redis lists rq:queue:lv:encode, ... (KEDA
+scales the workers on their length). A task is one chunk at one stage, with a deterministic id
 (<job>_<stage>_<chunk>), so enqueueing it twice is a no-op. Failed tasks are retried with backoff; when
 the retries are spent, `on_task_failure` fails the job with the reason.
 
@@ -9,7 +10,8 @@ Workers are `LeaseWorker`s: RQ's SimpleWorker (no fork: the model is loaded once
 kept) plus a lease. While a task runs, a thread renews the task's entry in RQ's started registry every
 lease_s/3. If the worker is killed the entry lapses after lease_s; RQ's registry clean-up (run by the
 gateway's housekeeper every second, and by every worker when it starts) then treats the task as
-abandoned and retries it, so another worker (or the restarted one) redoes that chunk.
+abandoned and retries it, so another worker (or the restarted one) redoes that chunk. A LeaseWorker
+also keeps its heartbeat (shared.heartbeat) busy while it runs a task and ready otherwise.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from rq.job import Job
 from rq.worker import WorkerStatus
 
 from shared.artifacts import ArtifactStore
+from shared.heartbeat import Heartbeat
 from shared.jobs import STAGES, JobStatus, JobStore
+from shared.keys import Keys
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-QUEUES = STAGES  # queue name = stage name
-ROLES = {"encoder": "encode", "decoder": "decode", "categorizer": "categorize"}  # worker role -> its queue
+ROLES = {"encoder": "encode", "decoder": "decode", "categorizer": "categorize"}  # worker role -> its stage
 TASKS = {
     "encode": "services.encoder.worker.encode_chunk",
     "decode": "services.decoder.worker.decode_chunk",
@@ -60,6 +63,11 @@ def task_id(job_id: str, stage: str, chunk: int) -> str:
     return f"{job_id}_{stage}_{chunk}"
 
 
+def queue(client: redis.Redis, prefix: str, stage: str) -> Queue:
+    """The RQ queue of a stage in the install with this key prefix."""
+    return Queue(Keys(prefix).queue(stage), connection=client)
+
+
 def enqueue(client: redis.Redis, settings: Settings, stage: str, job_id: str, chunks: Iterable[int]) -> None:
     """Queue the stage's task for each chunk, skipping tasks that already exist (a retried task
     enqueues its successor again)."""
@@ -68,12 +76,12 @@ def enqueue(client: redis.Redis, settings: Settings, stage: str, job_id: str, ch
         for tid in ids.values():
             pipe.exists(Job.key_for(tid))
         exists = pipe.execute()
-    queue = Queue(stage, connection=client)
+    stage_queue = queue(client, settings.redis_prefix, stage)
     retry = None
     if settings.task_retries:  # RQ takes the intervals in order: one per retry
         retry = Retry(max=settings.task_retries,
                       interval=[RETRY_BACKOFF_S * 4**i for i in range(settings.task_retries)])
-    queue.enqueue_many([
+    stage_queue.enqueue_many([
         Queue.prepare_data(
             TASKS[stage], args=(job_id, chunk), job_id=tid, timeout=settings.task_timeout_s, retry=retry,
             on_failure=Callback("shared.queue.on_task_failure"), result_ttl=settings.job_ttl_s,
@@ -96,6 +104,7 @@ def on_task_failure(task: Job, connection: redis.Redis, exc_type, exc, _tracebac
     """RQ failure callback, after every failed try of a task (in the worker, or in whoever cleans up
     an abandoned task). With retries left RQ retries it; otherwise the job fails with the reason."""
     job_id, chunk = task.args
+    stage = task.id.split("_")[1]  # task_id() above
     if task.retries_left:
         log.warning("task failed, will retry", extra={"task": task.id, "retries_left": task.retries_left,
                                                       "error": f"{exc_type.__name__}: {exc}"})
@@ -105,8 +114,9 @@ def on_task_failure(task: Job, connection: redis.Redis, exc_type, exc, _tracebac
     else:
         cause = f"{exc_type.__name__}: {exc}"
     settings = get_settings()
-    reason = f"{task.origin} of chunk {chunk} failed after {settings.task_retries + 1} tries: {cause}"
-    fail_job(JobStore(connection, settings.job_ttl_s), ArtifactStore(settings.artifact_dir), settings, job_id, reason)
+    reason = f"{stage} of chunk {chunk} failed after {settings.task_retries + 1} tries: {cause}"
+    jobs = JobStore(connection, settings.job_ttl_s, settings.redis_prefix)
+    fail_job(jobs, ArtifactStore(settings.artifact_dir), settings, job_id, reason)
 
 
 def fail_job(jobs: JobStore, store: ArtifactStore, settings: Settings, job_id: str, reason: str) -> None:
@@ -117,26 +127,28 @@ def fail_job(jobs: JobStore, store: ArtifactStore, settings: Settings, job_id: s
             store.delete_intermediates(job_id)
 
 
-def queue_depths(client: redis.Redis) -> dict[str, dict[str, int]]:
-    """Per queue: tasks waiting, running, and scheduled (waiting out a retry backoff)."""
-    queues = [Queue(name, connection=client) for name in QUEUES]
+def queue_depths(client: redis.Redis, prefix: str) -> dict[str, dict[str, int]]:
+    """Per stage: tasks waiting, running, and scheduled (waiting out a retry backoff)."""
+    queues = [queue(client, prefix, stage) for stage in STAGES]
     with client.pipeline(transaction=False) as pipe:
         for q in queues:
             pipe.llen(q.key)
             pipe.zcard(q.started_job_registry.key)
             pipe.zcard(q.scheduled_job_registry.key)
         counts = pipe.execute()
-    return {q.name: dict(zip(("waiting", "running", "scheduled"), counts[3 * i : 3 * i + 3]))
-            for i, q in enumerate(queues)}
+    return {stage: dict(zip(("waiting", "running", "scheduled"), counts[3 * i : 3 * i + 3]))
+            for i, stage in enumerate(STAGES)}
 
 
 class LeaseWorker(SimpleWorker):
     """RQ's SimpleWorker with a lease: runs tasks in this process and renews the running task's
-    registry entry every lease_s / 3, so the entry lapses lease_s after the process dies."""
+    registry entry every lease_s / 3, so the entry lapses lease_s after the process dies. Its heartbeat
+    says busy while a task runs, ready otherwise."""
 
-    def __init__(self, *args, lease_s: int, **kwargs) -> None:
+    def __init__(self, *args, lease_s: int, presence: Heartbeat, **kwargs) -> None:
         super().__init__(*args, worker_ttl=WORKER_TTL_S, **kwargs)
         self.lease_s = lease_s
+        self.presence = presence  # our heartbeat (RQ's Worker has a `heartbeat` method of its own)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.lease_s
@@ -146,11 +158,13 @@ class LeaseWorker(SimpleWorker):
         done = threading.Event()
         renewer = threading.Thread(target=self._renew, args=(job, execution, done), name="lease", daemon=True)
         renewer.start()
+        self.presence.set_state("busy")
         try:
             self.perform_job(job, queue, execution)
         finally:
             done.set()
             renewer.join()
+            self.presence.set_state("ready")
         self.set_state(WorkerStatus.IDLE)
 
     def _renew(self, job: Job, execution, done: threading.Event) -> None:

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     categorizer_cache_dir: Path = Field(
         Path.home() / ".cache" / "latent-verbalizer", description="embedded: the lexicon's MiniLM embeddings"
     )
-    llm_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible API base URL (vLLM)")
+    llm_url: str | None = Field(
+        None, description="OpenAI-compatible API base URL (vLLM); unset: the openai backend is unavailable"
+    )
     llm_model: str = Field("meta-llama/Llama-3.1-8B-Instruct", description="model name the server serves")
     llm_api_key: str | None = Field(None, description="sent as a Bearer token when set")
     llm_concurrency: int = Field(64, ge=1, description="requests in flight")
@@ -55,7 +57,9 @@ class Settings(BaseSettings):
         "auto", description="the server's structured-output dialect (docs/llm_servers.md); auto: found by the first"
                             " request")
     # --- service: gateway, queue, workers (issue 5). redis_url above is shared: the service uses
-    # redis://127.0.0.1:6379/0 when it is unset (shared.queue.redis_url). ---
+    # redis://127.0.0.1:6379/0 when it is unset (shared.queue.redis_url); `serve` starts a private one. ---
+    redis_prefix: str = Field("lv:", min_length=1, description="prefix of every Redis key and RQ queue name of"
+                                                               " this install: two installs on one Redis differ")
     artifact_dir: Path = Field(Path("./runs/artifacts"), description="artifact store: a directory all services share")
     data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="comma-separated dirs that server-side shards may come from"

@@ -86,14 +86,17 @@ def service_env(redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
 
 @contextmanager
 def service(args: list[str], env: dict[str, str], log_path: Path, port: int, ready_timeout_s: float = 150):
-    """Run `latent-verbalizer <args>` until the block ends (SIGTERM, as a container runtime would)."""
+    """Run `latent-verbalizer <args>` until the block ends (SIGTERM, as a container runtime would). Yields once
+    it is ready: `serve`, when every stage has a worker ready with the model (/readyz); a gateway alone, when
+    the gateway itself is (/readyz?scope=gateway)."""
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {API_KEY}"},
                           timeout=30)
+    ready_path = "/readyz" if args[0] == "serve" else "/readyz?scope=gateway"
     try:
-        wait_until(lambda: proc.poll() is None and _ready(client), ready_timeout_s,
+        wait_until(lambda: proc.poll() is None and _ready(client, ready_path), ready_timeout_s,
               f"service did not become ready; log: {log_path}", proc=proc)
         yield client
     finally:
@@ -106,11 +109,13 @@ def service(args: list[str], env: dict[str, str], log_path: Path, port: int, rea
             raise
 
 
-def wait_for_workers(redis_url: str, queues=("encode", "decode", "categorize"), timeout_s: float = 150) -> None:
+def wait_for_workers(redis_url: str, queues=("encode", "decode", "categorize"), timeout_s: float = 150,
+                     prefix: str = "lv:") -> None:
+    """Until every stage's RQ queue (named <prefix><stage>) has a registered worker."""
     from rq import Queue, Worker
 
     client = redis.Redis.from_url(redis_url)
-    wait_until(lambda: all(Worker.count(queue=Queue(q, connection=client)) for q in queues), timeout_s,
+    wait_until(lambda: all(Worker.count(queue=Queue(f"{prefix}{q}", connection=client)) for q in queues), timeout_s,
           "workers did not register")
 
 
@@ -125,9 +130,9 @@ def wait_job(client: httpx.Client, job_id: str, timeout_s: float = 90, until=TER
         time.sleep(0.05)
 
 
-def _ready(client: httpx.Client) -> bool:
+def _ready(client: httpx.Client, path: str) -> bool:
     try:
-        return client.get("/readyz").status_code == 200
+        return client.get(path).status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -514,7 +514,8 @@ def test_k8s_wiring(overlay: str | None, tmp_path: Path) -> None:
     else:
         assert cfg.get("LV_CATEGORIZER_BACKEND", "embedded") == "embedded" and "LV_LLM_URL" not in cfg
 
-    # KEDA: one ScaledObject per worker on rq:queue:<queue>, GPU stages down to zero, Redis address = our Service.
+    # KEDA: one ScaledObject per worker on rq:queue:<prefix><stage>, GPU stages down to zero, Redis address = our
+    # Service.
     if scaled:
         assert set(scaled) == set(WORKERS)
         redis = urlparse(cfg["LV_REDIS_URL"])
@@ -525,7 +526,7 @@ def test_k8s_wiring(overlay: str | None, tmp_path: Path) -> None:
             assert "replicas" not in deployments[worker]["spec"], f"{worker}: replicas fight the autoscaler"
             (trigger,) = so["spec"]["triggers"]
             md = trigger["metadata"]
-            assert trigger["type"] == "redis" and md["listName"] == f"rq:queue:{queue}"
+            assert trigger["type"] == "redis" and md["listName"] == f"rq:queue:{cfg['LV_REDIS_PREFIX']}{queue}"
             assert md["address"] == f"{redis.hostname}.{namespace}.svc.cluster.local:{redis.port or 6379}"
             assert md.get("databaseIndex", "0") == (redis.path.strip("/") or "0")
             assert (so["spec"]["minReplicaCount"] == 0) == (worker in GPU_STAGES)
@@ -606,7 +607,7 @@ def test_cross_check_images_ports_settings_volumes(tmp_path: Path, monkeypatch: 
         (c,) = pod_spec(dep)["containers"]
         assert c["args"][c["args"].index("--port") + 1] == str(GATEWAY_PORT)
         assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": GATEWAY_PORT}
-        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz?scope=gateway", "port": "http"}
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
         assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(GATEWAY_PORT)
         svc_ports = objects(docs, "Service")["gateway"]["spec"]["ports"]

@@ -1,9 +1,8 @@
 """The gateway's edge, over real HTTP against `latent-verbalizer gateway` and a private redis-server (no
-workers: submitted jobs stay queued). Every refused request gets a 4xx with a JSON reason."""
+workers: submitted jobs stay queued, and say so). Every refused request gets a 4xx with a JSON reason."""
 
 import io
 import json
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import redis
 from PIL import Image
 from service_stack import API_KEY, free_port, image_bytes, redis_server, service, service_env, tar_bytes
 
-from services.categorizer.stage import Backend
 from shared.artifacts import ArtifactStore
-from shared.jobs import CategorizerBackend, JobOptions, JobStatus, JobStore, new_job_id
+from shared.heartbeat import Heartbeat
+from shared.jobs import JobOptions, JobStatus, JobStore, new_job_id
 
 MAX_UPLOAD = 400_000
 MAX_FILES = 5
@@ -53,15 +52,19 @@ def refused(response: httpx.Response, status: int, reason: str) -> None:
 
 def test_health_options_docs(api):
     assert api.get("/healthz").json() == {"status": "ok"}
-    assert api.get("/readyz").status_code == 200
+    assert api.get("/readyz?scope=gateway").json() == {"status": "ready"}
+    # No worker runs: the service is not ready, and says which stages lack one.
+    refused(api.get("/readyz"), 503, "no encode worker is running; no decode worker is running; no categorize worker")
     assert api.get("/docs").status_code == 200
     assert "ShardJobRequest" in api.get("/openapi.json").text
     options = api.get("/v1/options").json()
     assert options["model"] == {"name": "coca_tiny", "pretrained": "none", "layers": 4, "max_seq_len": 32}
     assert options["defaults"]["decode"]["seq_len"] == 30 and options["defaults"]["categorize"] is True
-    assert set(options["schema"]["properties"]) == {"layers", "decode", "categorize", "backend"}
+    assert set(options["schema"]["properties"]) == {"layers", "decode", "categorize", "backend", "grounding"}
     assert options["limits"]["max_files"] == MAX_FILES
-    assert typing.get_args(CategorizerBackend) == typing.get_args(Backend) == tuple(options["backends"])
+    # No LLM server configured: only the embedded backend is offered.
+    assert options["backends"] == ["embedded"] and options["llm"] is None
+    assert options["workers"] == {"encode": [], "decode": [], "categorize": []}
 
 
 def test_api_keys(api):
@@ -78,8 +81,11 @@ def test_submit_list_cancel_delete(api):
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
     assert created.json()["status"] == "queued" and created.json()["links"]["self"] == f"/v1/jobs/{job_id}"
+    assert created.json()["links"]["viewer"] == f"/#job/{job_id}"
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["options"]["layers"] == [0, 3] and job["options"]["backend"] == "embedded"
+    assert job["waiting_for"] == {s: f"no {s} worker is running" for s in ("encode", "decode", "categorize")}
+    assert job["warnings"] == []
     assert job["progress"] == {"total": 2, "encoded": 0, "captioned": 0, "categorized": 0, "failed_images": 0,
                                "chunks": 1}
     assert api.get("/v1/jobs").json()["jobs"][0]["id"] == job_id
@@ -128,6 +134,7 @@ def test_oversized_body(api):
     ('{"layers": [1, -3]}', "repeat"),
     ('{"layers": []}', "layers"),
     ('{"backend": "oracle"}', "backend"),
+    ('{"backend": "openai"}', "openai backend is not available on this server: no LLM server is configured"),
 ])
 def test_bad_options(api, options, reason):
     refused(api.post("/v1/jobs", files=[("files", ("a.png", image_bytes(0)))], data={"options": options}), 422,
@@ -169,7 +176,7 @@ def test_metrics(api):
 
 
 def test_chunk_counts_and_status_moves_happen_once(stack):
-    jobs = JobStore(redis.Redis.from_url(stack.redis_url), ttl_s=60)
+    jobs = JobStore(redis.Redis.from_url(stack.redis_url), ttl_s=60, prefix="lv:")
     job_id = new_job_id()
     jobs.create(job_id, JobOptions(categorize=False), total=5, chunks=2)
     assert jobs.begin(job_id).status == JobStatus.running
@@ -187,3 +194,33 @@ def test_chunk_counts_and_status_moves_happen_once(stack):
     store.write_lines(job_id, "captions", 0, ["a", "b"])  # a retried task replaces, never appends
     store.write_lines(job_id, "captions", 1, ["c"])
     assert store.write_results(job_id, "captions", 2).read_text() == "a\nb\nc\n"
+
+
+def test_heartbeats_drive_readiness_and_job_hints(stack, api):
+    """A worker's heartbeat (as `latent-verbalizer worker` publishes it) moves /readyz, /v1/options and the
+    hint of a waiting job: loading -> ready -> gone."""
+    client = redis.Redis.from_url(stack.redis_url)
+    created = api.post("/v1/jobs", files=[("files", ("a.png", image_bytes(0)))],
+                       data={"options": '{"categorize": false}'})
+    job_url = f"/v1/jobs/{created.json()['id']}"
+    assert set(api.get(job_url).json()["waiting_for"]) == {"encode", "decode"}  # categorize: not needed
+    decoder = Heartbeat(client, "lv:", "decode", "coca_ViT-B-32", "none")  # serves another model
+    encoder = Heartbeat(client, "lv:", "encode", "coca_tiny", "none")
+    decoder.start()
+    try:
+        assert "the running ones serve coca_ViT-B-32 (none)" in api.get(job_url).json()["waiting_for"]["decode"]
+        encoder.start()
+        assert "still loading coca_tiny (none)" in api.get(job_url).json()["waiting_for"]["encode"]
+        refused(api.get("/readyz"), 503, "the encode worker is still loading")
+        encoder.set_state("ready")
+        assert set(api.get(job_url).json()["waiting_for"]) == {"decode"}
+        workers = api.get("/v1/options").json()["workers"]
+        assert {s: [(w["model"], w["state"]) for w in ws] for s, ws in workers.items()} == {
+            "encode": [("coca_tiny", "ready")], "decode": [("coca_ViT-B-32", "loading")], "categorize": []}
+        refused(api.get("/readyz"), 503, "no decode worker for coca_tiny (none)")
+        assert "encode" not in api.get("/readyz").json()["detail"]
+    finally:
+        encoder.stop()
+        decoder.stop()
+    assert api.get(job_url).json()["waiting_for"]["encode"] == "no encode worker is running"
+    api.delete(job_url)

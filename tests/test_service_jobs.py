@@ -1,12 +1,15 @@
 """Jobs through the whole service: `latent-verbalizer serve` (gateway + encoder, decoder and categorizer
-worker processes on coca_tiny) against a private redis-server, over real HTTP."""
+worker processes on coca_tiny) against a private redis-server, over real HTTP. Its LLM server (for jobs
+asking for the openai backend) is a stand-in that fails every completion, then goes away."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -44,12 +47,44 @@ class Stack:
     artifacts: Path
 
 
+class _FailingLLM(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that lists its model and answers every completion with HTTP 500."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self._answer(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self._answer(500, {"error": {"message": "stand-in failure"}})
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def llm():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FailingLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, llm):
     tmp = tmp_path_factory.mktemp("stack")
     with redis_server(tmp) as url:
         port = free_port()
-        env = service_env(url, tmp, LV_PORT=str(port))
+        env = service_env(url, tmp, LV_PORT=str(port), LV_LLM_URL=f"http://127.0.0.1:{llm.server_port}/v1",
+                          LV_LLM_RETRIES="1", LV_LLM_BACKOFF_S="0", LV_LLM_TIMEOUT_S="2")
         with service(["serve", *TINY], env, tmp / "serve.log", port) as api:
             wait_for_workers(url)
             yield Stack(api, redis.Redis.from_url(url), env, tmp / "data", tmp / "artifacts")
@@ -168,9 +203,9 @@ def test_killed_worker_chunk_is_redone(stack):
     api, client = stack.api, stack.redis
     job_id = submit(api, [("files", ("slow.png", image_bytes(20)))], slow(beams=32))
     task = f"{job_id}_decode_0"
-    started = Queue("decode", connection=client).started_job_registry
+    started = Queue("lv:decode", connection=client).started_job_registry
     wait_until(lambda: task in started.get_job_ids(cleanup=False), 60, "the decode task never started")
-    (victim,) = Worker.all(queue=Queue("decode", connection=client))
+    (victim,) = Worker.all(queue=Queue("lv:decode", connection=client))
     os.kill(victim.pid, signal.SIGKILL)  # serve restarts the worker; the lease lapses; the chunk is redone
     job = wait_job(api, job_id, timeout_s=120)
     assert job["status"] == "succeeded", job
@@ -183,7 +218,36 @@ def test_killed_worker_chunk_is_redone(stack):
 
 def _wait_idle(client, job_id):
     """Until no task of the job is waiting or running."""
-    queues = [Queue(q, connection=client) for q in ("encode", "decode", "categorize")]
+    queues = [Queue(f"lv:{q}", connection=client) for q in ("encode", "decode", "categorize")]
     wait_until(lambda: not any(job_id in t for q in queues
                                for t in [*q.get_job_ids(), *q.started_job_registry.get_job_ids(cleanup=False)]),
                60, "the job's tasks did not drain")
+
+
+def test_labelling_failures_keep_the_captions(stack, llm):
+    """A job asking for the openai backend whose LLM server fails every request, then one whose LLM server
+    is gone: both succeed with every caption, each with its label_error, and a warning."""
+    api = stack.api
+    options = api.get("/v1/options").json()
+    assert options["backends"] == ["embedded", "openai"]
+    assert options["llm"]["url"] == f"http://127.0.0.1:{llm.server_port}/v1" and options["llm"]["reachable"] is True
+
+    job = wait_job(api, submit(api, [("files", ("a.png", image_bytes(30)))], {"backend": "openai"}))
+    _assert_labelling_failed(api, job)
+
+    llm.shutdown()
+    llm.server_close()  # nothing listens there any more
+    job = wait_job(api, submit(api, [("files", ("b.png", image_bytes(31)))], {"backend": "openai"}))
+    _assert_labelling_failed(api, job)
+    wait_until(lambda: api.get("/v1/options").json()["llm"]["reachable"] is False, 15, "the LLM still reachable")
+
+
+def _assert_labelling_failed(api, job: dict) -> None:
+    assert job["status"] == "succeeded" and job["error"] is None, job
+    (warning,) = job["warnings"]
+    assert f"labelling failed for {len(LAYERS)} of {len(LAYERS)} captions" in warning, warning
+    (line,) = results(api, job["id"])
+    assert_captioned(line, categorized=False)  # the captions and entropies are all there
+    assert all(c["phrases"] == [] and c["label_error"] for c in line["layers"]), line
+    summary = api.get(f"/v1/jobs/{job['id']}/summary")
+    assert summary.status_code == 200 and summary.json()["warnings"] == job["warnings"]

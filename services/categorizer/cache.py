@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping
 
 import redis
 
-PREFIX = "lv:labels"
+from shared.keys import Keys
+from shared.settings import get_settings
 
 
 class LabelCache:
@@ -26,7 +27,7 @@ class LabelCache:
     def key(self, kind: str, text: str) -> str:
         """kind: what was labelled ("caption" or "phrase")."""
         digest = hashlib.sha256("\n".join((self.model, self.prompt_version, text)).encode()).hexdigest()
-        return f"{PREFIX}:{kind}:{digest}"
+        return Keys(get_settings().redis_prefix).labels(kind, digest)
 
     def get_many(self, kind: str, texts: Iterable[str]) -> dict[str, object]:
         """The cached answers (JSON values) of those texts that have one."""

@@ -1,29 +1,24 @@
 """RQ task of the categorizer stage: a chunk's captions -> the same result lines with every caption's
-labelled phrases. A labeler is built once per backend per process and kept."""
+labelled phrases. A labeler is built once per backend per process and kept.
+
+Labelling never costs a job its captions: a caption whose labelling failed keeps its caption and
+entropies with `label_error`, and when the labeler fails as a whole (e.g. the LLM server unreachable
+after its retries) every caption of the chunk gets that reason and the job goes on (services.finish
+then ends it with a warning)."""
 
 from __future__ import annotations
 
-from services.categorizer.models import CaptionLabels, Phrase
+import logging
+
+from services.categorizer.models import CaptionLabels, LabeledCaption, LabeledResult
 from services.categorizer.stage import Backend, Labeler, categorize, make_labeler
 from services.tasks import ChunkOutcome, Context, run_chunk
 from shared.jobs import JobRecord
-from shared.schemas import ImageResult, LayerCaption
+from shared.schemas import ImageResult
+
+log = logging.getLogger(__name__)
 
 _labelers: dict[str, Labeler] = {}
-
-
-class LabeledCaption(LayerCaption):
-    phrases: list[Phrase] = []
-    label_error: str | None = None
-
-    def labels(self) -> CaptionLabels:
-        return CaptionLabels(caption=self.caption, phrases=self.phrases, error=self.label_error)
-
-
-class LabeledResult(ImageResult):
-    """One line of a categorized job's results.jsonl."""
-
-    layers: list[LabeledCaption] | None = None
 
 
 def labeler(backend: Backend) -> Labeler:
@@ -39,7 +34,7 @@ def categorize_chunk(job_id: str, chunk: int) -> None:
 def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     results = [ImageResult.model_validate_json(line) for line in ctx.store.read_lines(job.id, "captions", chunk)]
     captions = [c.caption for r in results for c in r.layers or []]
-    labels = iter(categorize(captions, labeler(job.options.backend or ctx.settings.categorizer_backend)))
+    labels = iter(_labels(captions, job.options.backend or ctx.settings.categorizer_backend, job.id, chunk))
     labeled = [
         LabeledResult(
             **r.model_dump(exclude={"layers"}),
@@ -54,3 +49,13 @@ def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     ]
     ctx.store.write_lines(job.id, "labels", chunk, (r.model_dump_json(exclude_none=True) for r in labeled))
     return ChunkOutcome(images=len(results))
+
+
+def _labels(captions: list[str], backend: Backend, job_id: str, chunk: int) -> list[CaptionLabels]:
+    """Every caption's labels, or, when the labeler fails as a whole, every caption with the reason."""
+    try:
+        return categorize(captions, labeler(backend))
+    except Exception as e:  # whatever broke, the captions are kept: labelling is the optional last step
+        reason = f"labelling failed ({backend} backend): {type(e).__name__}: {e}"
+        log.exception("labelling failed; captions kept", extra={"job": job_id, "chunk": chunk, "backend": backend})
+        return [CaptionLabels(caption=c, error=reason) for c in captions]

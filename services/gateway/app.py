@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from services.gateway.backends import LLMProbe
 from services.gateway.deps import Gateway
 from services.gateway.housekeeper import Housekeeper
 from services.gateway.metrics import registry
@@ -37,13 +38,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = connect(settings, timeout_s=REDIS_TIMEOUT_S)
-        job_store = JobStore(client, settings.job_ttl_s)
+        job_store = JobStore(client, settings.job_ttl_s, settings.redis_prefix)
         artifacts = ArtifactStore(settings.artifact_dir)
-        app.state.gateway = Gateway(settings, client, job_store, artifacts, describe_model(settings))
-        app.state.metrics = registry(client)
-        housekeeper = Housekeeper(client, job_store, artifacts, settings.job_ttl_s)
+        llm = LLMProbe(settings.llm_url, settings.llm_model, settings.llm_api_key) if settings.llm_url else None
+        app.state.gateway = Gateway(settings, client, job_store, artifacts, describe_model(settings), llm)
+        app.state.metrics = registry(client, settings.redis_prefix)
+        housekeeper = Housekeeper(client, job_store, artifacts, settings.job_ttl_s, settings.redis_prefix)
         housekeeper.start()
-        log.info("gateway ready", extra={"redis": redis_url(settings), "artifacts": str(settings.artifact_dir)})
+        log.info("gateway ready", extra={"redis": redis_url(settings), "prefix": settings.redis_prefix,
+                                         "artifacts": str(settings.artifact_dir)})
         yield
         housekeeper.stop()
         client.close()

@@ -1,5 +1,5 @@
 """What request handlers depend on: the gateway's state (settings, Redis, job records, artifact store,
-model shape), made once at start-up, and the optional API-key check."""
+model shape, the LLM server's probe), made once at start-up, and the optional API-key check."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import redis
 from fastapi import HTTPException, Request
 
+from services.gateway.backends import LLMProbe
 from services.gateway.schemas import ModelInfo
 from shared.artifacts import ArtifactStore
-from shared.jobs import JobRecord, JobStore, is_job_id
+from shared.heartbeat import live_workers, unserved
+from shared.jobs import STAGES, JobRecord, JobStore, is_job_id
 from shared.settings import Settings
 
 
@@ -22,6 +24,11 @@ class Gateway:
     jobs: JobStore
     store: ArtifactStore
     model: ModelInfo
+    llm: LLMProbe | None  # None: no LLM server configured
+
+    def unserved(self, stages: tuple[str, ...] = STAGES) -> dict[str, str]:
+        """Per stage with no ready or busy worker for the served model, why."""
+        return unserved(live_workers(self.client, self.settings.redis_prefix), self.settings, stages)
 
 
 def gateway(request: Request) -> Gateway:

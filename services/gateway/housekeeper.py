@@ -15,12 +15,11 @@ import threading
 import time
 
 import redis
-from rq import Queue
 from rq.scheduler import RQScheduler
 
 from shared.artifacts import ArtifactStore
-from shared.jobs import JobStore
-from shared.queue import QUEUES
+from shared.jobs import STAGES, JobStore
+from shared.queue import queue
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +29,9 @@ SWEEP_GRACE_S = 600.0
 
 
 class Housekeeper:
-    def __init__(self, client: redis.Redis, jobs: JobStore, store: ArtifactStore, job_ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, jobs: JobStore, store: ArtifactStore, job_ttl_s: int, prefix: str) -> None:
         self.client = client
+        self.queues = [queue(client, prefix, stage) for stage in STAGES]
         self.jobs = jobs
         self.store = store
         self.job_ttl_s = job_ttl_s
@@ -46,13 +46,13 @@ class Housekeeper:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        scheduler = RQScheduler(list(QUEUES), connection=self.client, interval=int(TICK_S))
+        scheduler = RQScheduler(self.queues, connection=self.client, interval=int(TICK_S))
         last_sweep = 0.0
         while not self._stop.wait(TICK_S):
             try:
                 self._reschedule(scheduler)
-                for name in QUEUES:
-                    Queue(name, connection=self.client).started_job_registry.cleanup()
+                for q in self.queues:
+                    q.started_job_registry.cleanup()
                 if time.monotonic() - last_sweep > SWEEP_EVERY_S:
                     last_sweep = time.monotonic()
                     self._sweep()

@@ -9,18 +9,20 @@ from collections.abc import Iterator
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
-from rq import Queue, Worker
+from rq import Worker
 
-from shared.jobs import LATENCY_BUCKETS, METRICS, STAGES, TERMINAL
-from shared.queue import QUEUES, queue_depths
+from shared.jobs import LATENCY_BUCKETS, STAGES, TERMINAL
+from shared.keys import Keys
+from shared.queue import queue, queue_depths
 
 
 class ServiceCollector(Collector):
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client = client
+        self.prefix = prefix
 
     def collect(self) -> Iterator[Metric]:
-        raw = {k.decode(): float(v) for k, v in self.client.hgetall(METRICS).items()}
+        raw = {k.decode(): float(v) for k, v in self.client.hgetall(Keys(self.prefix).metrics).items()}
         yield CounterMetricFamily("lv_jobs_submitted", "Jobs accepted", value=raw.get("jobs_submitted", 0))
         ended = CounterMetricFamily("lv_jobs_ended", "Jobs that ended, by final status", labels=["status"])
         for status in TERMINAL:
@@ -37,17 +39,17 @@ class ServiceCollector(Collector):
         yield images
         yield latency
         tasks = GaugeMetricFamily("lv_queue_tasks", "Chunk tasks per queue and state", labels=["queue", "state"])
-        for queue, counts in queue_depths(self.client).items():
+        for stage, counts in queue_depths(self.client, self.prefix).items():
             for state, n in counts.items():
-                tasks.add_metric([queue, state], n)
+                tasks.add_metric([stage, state], n)
         yield tasks
         workers = GaugeMetricFamily("lv_workers", "Registered workers per queue", labels=["queue"])
-        for name in QUEUES:
-            workers.add_metric([name], Worker.count(queue=Queue(name, connection=self.client)))
+        for stage in STAGES:
+            workers.add_metric([stage], Worker.count(queue=queue(self.client, self.prefix, stage)))
         yield workers
 
 
-def registry(client: redis.Redis) -> CollectorRegistry:
+def registry(client: redis.Redis, prefix: str) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(ServiceCollector(client))
+    reg.register(ServiceCollector(client, prefix))
     return reg

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.heartbeat import WorkerBeat
 from shared.jobs import CategorizerBackend, JobOptions, JobRecord, JobStatus
 
 
@@ -27,13 +28,14 @@ class Links(BaseModel):
     entropy: str
     distribution: str
     grounding: str = Field(description="grounding.png, the grounding curves per layer (404 when grounding was off)")
+    viewer: str = Field(description="the job in the web viewer (open it in a browser)")
 
     @classmethod
     def of(cls, job_id: str) -> Links:
         base = f"/v1/jobs/{job_id}"
         return cls(self=base, results=f"{base}/results", summary=f"{base}/summary", figure=f"{base}/figure.png",
                    entropy=f"{base}/entropy.png", distribution=f"{base}/distribution.csv",
-                   grounding=f"{base}/grounding.png")
+                   grounding=f"{base}/grounding.png", viewer=f"/#job/{job_id}")
 
 
 class JobCreated(BaseModel):
@@ -63,16 +65,22 @@ class JobOut(BaseModel):
     id: str
     status: JobStatus
     error: str | None
+    warnings: list[str] = Field(description="what went wrong in a job that still succeeded (e.g. captions whose"
+                                            " labelling failed: they are in the results with their label_error)")
+    waiting_for: dict[str, str] | None = Field(
+        None, description="while active: per stage the job still needs that no worker can run now, why (none"
+                          " running, or still loading its model)")
     options: JobOptions
     progress: Progress
     timings: Timings
     links: Links
 
     @classmethod
-    def of(cls, job: JobRecord) -> JobOut:
+    def of(cls, job: JobRecord, waiting_for: dict[str, str] | None = None) -> JobOut:
         end = job.finished_at or time.time()
         return cls(
-            id=job.id, status=job.status, error=job.error, options=job.options,
+            id=job.id, status=job.status, error=job.error, warnings=job.warnings, waiting_for=waiting_for,
+            options=job.options,
             progress=Progress(total=job.total, encoded=job.encoded, captioned=job.captioned,
                               categorized=job.categorized, failed_images=job.failed_images, chunks=job.chunks),
             timings=Timings(created_at=_utc(job.created_at), started_at=_utc(job.started_at),
@@ -114,10 +122,20 @@ class TaxonomyOut(BaseModel):
     plot_names: dict[str, str]
 
 
+class LLMStatus(BaseModel):
+    url: str
+    model: str = Field(description="the model the openai backend asks for")
+    reachable: bool = Field(description="GET {url}/models answered 200 at checked_at")
+    detail: str | None = Field(description="why it is not reachable")
+    checked_at: float = Field(description="unix time of the check (checks are a few seconds apart)")
+
+
 class OptionsOut(BaseModel):
     model: ModelInfo
     defaults: JobOptions
-    backends: list[CategorizerBackend]
+    backends: list[CategorizerBackend] = Field(description="the categorizer backends this server can use")
+    llm: LLMStatus | None = Field(description="the openai backend's LLM server; null when none is configured")
+    workers: dict[str, list[WorkerBeat]] = Field(description="per stage, its live workers (heartbeats)")
     url_shards: bool = Field(description="whether http(s) shard URLs are accepted")
     limits: Limits
     options_schema: dict = Field(alias="schema", description="JSON schema of `options`")

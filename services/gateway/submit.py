@@ -14,6 +14,7 @@ from itertools import islice
 
 from fastapi import HTTPException
 
+from services.gateway.backends import unusable_reason
 from services.gateway.deps import Gateway
 from services.gateway.uploads import JobInput
 from shared.images import ImageError, ImageItem, decode_image, iter_items
@@ -40,6 +41,12 @@ def submit(gw: Gateway, job_id: str, inputs: list[JobInput], options: JobOptions
     except BaseException:
         gw.jobs.delete(job_id)  # no record of a job that nothing would ever run
         raise
+
+
+def check_backend(gw: Gateway, options: JobOptions) -> None:
+    """Refuse (422) a categorized job whose backend this server cannot serve (e.g. openai with no LLM server)."""
+    if options.categorize and options.backend and (reason := unusable_reason(gw.settings, options.backend)):
+        raise HTTPException(422, f"bad options at backend: {reason}")
 
 
 def _write_chunks(gw: Gateway, job_id: str, inputs: list[JobInput]) -> tuple[int, int, list[str]]:
