@@ -19,6 +19,7 @@ from shared.settings import DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 README_PORT = "8000"
+SERVING = "serve: serving"  # its log line (not "not serving yet")
 
 
 def readme_service_commands() -> list[str]:
@@ -53,12 +54,12 @@ def test_readme_service_commands_run_as_written(tmp_path):
         proc = subprocess.Popen(["bash", "-c", f"exec {serve.replace(README_PORT, port)}"], cwd=tmp_path, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     try:
-        wait_until(lambda: "serving" in log_path.read_text(), 240, f"serve never said serving; log: {log_path}", proc)
+        wait_until(lambda: SERVING in log_path.read_text(), 240, f"serve never said serving; log: {log_path}", proc)
         log_text = log_path.read_text()
         assert "private redis started" in log_text
         # "serving" comes only once every worker has loaded its model and the gateway says ready.
         assert log_text.count("worker ready") == 3
-        assert log_text.index("serving") > max(m.start() for m in re.finditer("worker ready", log_text))
+        assert log_text.index(SERVING) > max(m.start() for m in re.finditer("worker ready", log_text))
         assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
 
         created = json.loads(sh(submit))

@@ -30,6 +30,10 @@ from service_stack import (
     wait_until,
 )
 
+from services.categorizer.stage import make_labeler
+from services.categorizer.worker import labels_or_reasons
+from shared.settings import Settings
+
 LAYERS = [0, 1, 2, 3]
 
 
@@ -251,3 +255,13 @@ def _assert_labelling_failed(api, job: dict) -> None:
     assert all(c["phrases"] == [] and c["label_error"] for c in line["layers"]), line
     summary = api.get(f"/v1/jobs/{job['id']}/summary")
     assert summary.status_code == 200 and summary.json()["warnings"] == job["warnings"]
+
+
+def test_a_labeler_failing_as_a_whole_keeps_every_caption():
+    """The categorize task's guard when no caption gets an answer of its own: here the LLM URL is unusable
+    (port 99999), so the openai labeler raises for the whole chunk. Every caption comes back with the reason."""
+    unusable = Settings(llm_url="http://127.0.0.1:99999/v1", llm_retries=0, redis_url=None)
+    captions = ["a red dog", "a blue cat", "a red dog"]
+    got = labels_or_reasons(captions, "openai", lambda backend: make_labeler(backend, unusable))
+    assert [c.caption for c in got] == captions
+    assert all(c.phrases == [] and c.error.startswith("labelling failed (openai backend): ") for c in got), got

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -161,6 +162,8 @@ def test_asks_for_the_api_key_then_fills_in_the_server_defaults(browser, stack):
     expect(page.locator(".skip-link")).to_be_focused()
     expect(page.locator("#model-info")).to_contain_text("coca_tiny")
     expect(page.locator("#model-info")).to_contain_text("4 layers")
+    expect(page.locator("#workers-info")).to_have_text(  # the stack's three workers, each ready (or busy)
+        re.compile(r"Workers: encode (ready|busy) · decode (ready|busy) · categorize (ready|busy)"))
     assert page.evaluate("sessionStorage.getItem('lv.apiKey')") == API_KEY
     # The options panel holds the server's defaults (GET /v1/options) and the model's bounds.
     page.click("#options-panel > summary")

@@ -9,6 +9,7 @@ then ends it with a warning)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from services.categorizer.models import CaptionLabels, LabeledCaption, LabeledResult
 from services.categorizer.stage import Backend, Labeler, categorize, make_labeler
@@ -34,7 +35,8 @@ def categorize_chunk(job_id: str, chunk: int) -> None:
 def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     results = [ImageResult.model_validate_json(line) for line in ctx.store.read_lines(job.id, "captions", chunk)]
     captions = [c.caption for r in results for c in r.layers or []]
-    labels = iter(_labels(captions, job.options.backend or ctx.settings.categorizer_backend, job.id, chunk))
+    backend = job.options.backend or ctx.settings.categorizer_backend
+    labels = iter(labels_or_reasons(captions, backend, extra={"job": job.id, "chunk": chunk}))
     labeled = [
         LabeledResult(
             **r.model_dump(exclude={"layers"}),
@@ -51,11 +53,13 @@ def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     return ChunkOutcome(images=len(results))
 
 
-def _labels(captions: list[str], backend: Backend, job_id: str, chunk: int) -> list[CaptionLabels]:
-    """Every caption's labels, or, when the labeler fails as a whole, every caption with the reason."""
+def labels_or_reasons(captions: list[str], backend: Backend, make: Callable[[Backend], Labeler] = labeler,
+                      extra: dict | None = None) -> list[CaptionLabels]:
+    """Every caption's labels, or, when the labeler (made by `make`) fails as a whole, every caption with
+    the reason."""
     try:
-        return categorize(captions, labeler(backend))
+        return categorize(captions, make(backend))
     except Exception as e:  # whatever broke, the captions are kept: labelling is the optional last step
         reason = f"labelling failed ({backend} backend): {type(e).__name__}: {e}"
-        log.exception("labelling failed; captions kept", extra={"job": job_id, "chunk": chunk, "backend": backend})
+        log.exception("labelling failed; captions kept", extra={**(extra or {}), "backend": backend})
         return [CaptionLabels(caption=c, error=reason) for c in captions]

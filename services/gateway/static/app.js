@@ -142,6 +142,22 @@ async function loadOptions() {
   }
 }
 
+// ---- workers per stage (their heartbeats, from /v1/options), refreshed while the page is open ----
+
+const WORKERS_EVERY_MS = 5000;
+
+async function showWorkers() {
+  const el = $("#workers-info");
+  try {
+    const { workers } = await api.options();
+    const stages = Object.entries(workers).map(([stage, ws]) =>
+      `${stage} ${ws.length ? ws.map((w) => w.state).join(", ") : "none"}`);
+    el.textContent = `Workers: ${stages.join(" · ")}`;
+  } catch {
+    el.textContent = "";
+  }
+}
+
 // ---- submitting ----
 
 function showSubmitError(message, source = "submit") {
@@ -291,3 +307,5 @@ showKeyButton();
 renderRecent();
 route(false);
 loadOptions().then(refreshRecent);
+showWorkers();
+setInterval(showWorkers, WORKERS_EVERY_MS);

@@ -1,5 +1,6 @@
 // One job's live view: status, per-stage progress (encoded / captioned / categorized of total, from
-// GET /v1/jobs/{id}), elapsed time, stage timings, error, cancel and delete.
+// GET /v1/jobs/{id}), elapsed time, stage timings, what it waits for (a stage with no ready worker),
+// error or warnings, cancel and delete.
 
 import { api } from "./api.js";
 import { $, clear, formatDuration, formatTime, h } from "./dom.js";
@@ -34,6 +35,7 @@ export class JobView {
     this.stagesEl = $("#job-stages", root);
     this.errorEl = $("#job-error", root);
     this.noteEl = $("#job-note", root);
+    this.warningsEl = $("#job-warnings", root);
     this.liveEl = $("#job-live", root);
     this.cancelButton = $("#cancel-job", root);
     this.deleteButton = $("#delete-job", root);
@@ -54,6 +56,7 @@ export class JobView {
     this.setStatus("loading");
     this.errorEl.hidden = true;
     this.noteEl.hidden = true;
+    this.warningsEl.hidden = true;
     clear(this.stagesEl);
     this.elapsedEl.textContent = "–";
     this.imagesEl.textContent = "–";
@@ -134,7 +137,17 @@ export class JobView {
     this.deleteButton.hidden = active;
     if (job.error) this.showError(job.status === "failed" ? `Job failed: ${job.error}` : job.error);
     else this.errorEl.hidden = true;
+    this.renderWarnings(job);
     this.announce(job);
+  }
+
+  /** While active: why a stage it needs cannot run (no worker, or one still loading); once ended: its warnings. */
+  renderWarnings(job) {
+    const lines = job.waiting_for
+      ? Object.values(job.waiting_for).map((why) => `Waiting: ${why}.`)
+      : (job.warnings || []).map((w) => `Warning: ${w}`);
+    this.warningsEl.textContent = lines.join(" ");
+    this.warningsEl.hidden = lines.length === 0;
   }
 
   renderStages(job) {
