@@ -337,6 +337,7 @@ def plot_grounding(grounding: Grounding, path: Path) -> Path:
     has_refs = any(r.ref_cider is not None for r in rows)
     panels = 3 if has_refs else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), dpi=120)
+    twin = None
 
     def curve(ax, field: str, label: str, **style) -> None:
         values = [getattr(r, field) for r in rows]
@@ -351,19 +352,27 @@ def plot_grounding(grounding: Grounding, path: Path) -> Path:
     gallery = next((r.gallery_size for r in rows if r.gallery_size), None)
     curve(ax, "retrieval_r1", f"R@1: own image ranks first (of {gallery})" if gallery else "R@1", color="tab:green")
     curve(ax, "prior_share", "prior: caption = null-input caption", color="tab:red")
+    if gallery:
+        ax.axhline(1 / gallery, color="tab:green", linestyle=":", linewidth=1, label=f"R@1 by chance (1/{gallery})")
     ax.set(title="Shares of captions", ylabel="share", ylim=(-0.03, 1.03))
     if has_refs:
         ax = axes[2]
-        curve(ax, "ref_cider", "CIDEr-D", color="tab:purple")
-        curve(ax, "ref_bleu4", "BLEU-4", color="tab:orange")
+        curve(ax, "ref_cider", "CIDEr-D (left axis)", color="tab:purple")
+        twin = ax.twinx()  # BLEU-4 lies in [0, 1], CIDEr-D in [0, 10]
+        curve(twin, "ref_bleu4", "BLEU-4 (right axis)", color="tab:orange")
+        twin.set(ylabel="BLEU-4", ylim=(-0.03, 1.03))
         n = max(r.ref_images for r in rows)
-        ax.set(title=f"Against reference captions ({n} images)", ylabel="score")
+        ax.set(title=f"Against reference captions ({n} images)", ylabel="CIDEr-D")
     for ax in axes:
         ax.set_xlabel("encoder layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
+        handles, labels = ax.get_legend_handles_labels()
+        if twin is not None and ax is axes[-1]:  # the right axis's curve joins its panel's legend
+            more_handles, more_labels = twin.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
+        if handles:
+            ax.legend(handles, labels, fontsize=8, loc="best")
     fig.suptitle(f"Grounding per layer ({grounding.images} images)")
     fig.tight_layout()
     fig.savefig(path)
