@@ -13,7 +13,8 @@ so two installs can share one Redis without taking each other's work:
                                        rq:workers:lv:encode, ...)
 
 RQ's own task records (rq:job:<task id>) carry no prefix, but a task id holds its job's random id, so
-two installs never share one."""
+two installs never share one. RQ's other global keys (rq:workers, rq:worker:<name>, rq:scheduler:<name>,
+rq:queues, rq:clean_groups) register processes or throttle clean-ups and hold no work."""
 
 from __future__ import annotations
 
