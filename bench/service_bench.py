@@ -100,14 +100,14 @@ def _image() -> bytes:
 
 
 class _stack:
-    """`latent-verbalizer serve` on a free port; its Redis URL answers nowhere, so serve starts a
-    private redis-server."""
+    """`latent-verbalizer serve` on a free port, with no LV_REDIS_URL, so serve starts a private
+    redis-server; ready once every stage has a worker ready with the model (/readyz)."""
 
     def __init__(self, args, tmp: Path, api_key: str | None) -> None:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.port = _free_port()
-        self.env = dict(os.environ, LV_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0",
-                        LV_ARTIFACT_DIR=str(tmp / "artifacts"), LV_LOG_LEVEL="WARNING")
+        self.env = dict(os.environ, LV_ARTIFACT_DIR=str(tmp / "artifacts"), LV_LOG_LEVEL="WARNING")
+        self.env.pop("LV_REDIS_URL", None)
         self.argv = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port),
                      "--model", args.model, "--pretrained", str(args.pretrained), "--device", args.device,
                      "--dtype", args.dtype]
