@@ -158,6 +158,28 @@ def test_analyze_on_results_jsonl_writes_the_grounding_outputs(tmp_path):
     assert "cider" in block["metrics"]
 
 
+def test_analyze_labels_with_their_results_adds_grounding_to_the_report(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
+    labels = tmp_path / "labels.json"
+    entry = {"caption": "red red red", "phrases": [{"text": "red", "labels": ["color"]}]}
+    labels.write_text(json.dumps({"layer_0": [entry] * 3, "layer_5": [entry] * 3}))
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(labels), "--results", str(results), "--out", str(out)]) == 0
+    assert {"distribution.csv", "figure.png", "grounding.csv", "grounding.png"} <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layers"][0]["counted"] == 3
+    assert summary["grounding"]["layers"][0]["image_score"] == pytest.approx(0.2)
+    # results without grounding fields: the labels' report alone, and a note saying why
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"id": "a", "source": "a.png", "layers": [
+        {"layer": 0, "caption": "red", "tokens": [1], "entropy": [1.0], "mean_entropy": 1.0}]}) + "\n")
+    assert main(["analyze", str(labels), "--results", str(plain), "--out", str(tmp_path / "o2")]) == 0
+    assert "no grounding fields" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "grounding.csv").exists()
+    assert "grounding" not in json.loads((tmp_path / "o2" / "summary.json").read_text())
+
+
 def test_analyze_refuses_a_bad_references_file(tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
