@@ -38,6 +38,10 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
     """Write the job's outputs."""
     kind = "labels" if job.options.categorize else "captions"
     results_path = store.write_results(job.id, kind, job.chunks)
+    if job.options.grounding:  # retrieval ranks over the whole job, and prior.json
+        from services.decoder.grounding import rank_job
+
+        rank_job(store, job, results_path)
     results = [json.loads(line) for line in results_path.read_text().splitlines()]
     captioned = [r for r in results if r.get("layers")]
     if not captioned:

@@ -3,6 +3,8 @@ and images travel between stages through it, never through Redis.
 
     jobs/<id>/inputs/chunk-00000.tar            a chunk's images as submitted (ids, sources, bytes)
     jobs/<id>/latents/chunk-00000.safetensors   encoder output: fp16 [L, n, Q-1, D] + the chunk's items
+    jobs/<id>/image_embeddings/chunk-00000.safetensors   encoder output with grounding: fp16 [n, E]
+    jobs/<id>/grounding/chunk-00000.safetensors decoder output with grounding: image [n, E], text [n, L, E]
     jobs/<id>/captions/chunk-00000.jsonl        decoder output: one ImageResult line per image
     jobs/<id>/labels/chunk-00000.jsonl          categorizer output: the same lines with phrases
     jobs/<id>/results.jsonl, summary.json, figure.png, entropy.png, distribution.csv    job outputs
@@ -28,7 +30,7 @@ from shared.images import ImageItem
 if TYPE_CHECKING:  # torch is imported only by the workers that handle tensors
     import torch
 
-INTERMEDIATE = ("uploads", "inputs", "latents", "captions", "labels")
+INTERMEDIATE = ("uploads", "inputs", "latents", "image_embeddings", "grounding", "captions", "labels")
 
 
 class ArtifactStore:
@@ -80,6 +82,21 @@ class ArtifactStore:
             info = json.loads(f.metadata()["info"])
             latents = f.get_tensor("latents") if "latents" in f.keys() else None
         return latents, info
+
+    # --- other per-chunk tensors (kind: image_embeddings | grounding): fp16, with a JSON info ---
+
+    def write_tensors(self, job_id: str, kind: str, chunk: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().to("cpu").half().contiguous() for k, v in tensors.items()}
+        _write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"),
+                      save(tensors, metadata={"info": json.dumps(info)}))
+
+    def read_tensors(self, job_id: str, kind: str, chunk: int) -> tuple[dict[str, torch.Tensor], dict]:
+        from safetensors import safe_open
+
+        with safe_open(self._chunk(job_id, kind, chunk, ".safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["info"])
 
     # --- per-chunk JSON lines (kind: captions | labels) ---
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -33,8 +34,11 @@ from torch import nn
 
 from services.decoder.stage import Decoded, decode, layer_captions, row_key
 from services.encoder.stage import encode
+from shared.artifacts import ArtifactStore
+from shared.jobs import JobRecord
 from shared.models import LoadedModel
 from shared.schemas import DecodeParams, LayerCaption
+from shared.settings import get_settings
 
 GRAY = (128, 128, 128)
 GALLERY_SEED = 0  # the retrieval gallery's sample is fixed by this seed and the images' order
@@ -172,14 +176,34 @@ def with_ranks(line: str, ranks: dict[str, tuple[list[int], int]]) -> str:
 
 def rewrite_with_ranks(path: Path, ranks: dict[str, tuple[list[int], int]]) -> None:
     """Rewrite a results.jsonl in place (whole or not at all), line by line."""
-    tmp = path.with_name(f".{path.name}.ranked.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with path.open() as src, tmp.open("w") as out:
         for line in src:
             out.write(with_ranks(line, ranks) + "\n")
     os.replace(tmp, path)
 
 
-def write_prior(path: Path, null_captions: dict[str, str]) -> Path:
-    """prior.json: {"layer_<i>": the gray image's caption}."""
-    path.write_text(json.dumps(null_captions, indent=1))
-    return path
+def write_prior(path: Path, null_captions: dict[str, str]) -> None:
+    """prior.json: {"layer_<i>": the gray image's caption} (whole or not at all)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(null_captions, indent=1))
+    os.replace(tmp, path)
+
+
+def rank_job(store: ArtifactStore, job: JobRecord, results_path: Path) -> None:
+    """A grounded job's finish: its chunks' embeddings (services.decoder.worker) -> retrieval ranks over
+    the whole job into results.jsonl, and the job's prior.json."""
+    embeddings = RunEmbeddings()
+    for chunk in range(job.chunks):
+        tensors, info = store.read_tensors(job.id, "grounding", chunk)
+        if info["ids"]:
+            embeddings.add(info["ids"], tensors["text"], tensors["image"], info["prior"])
+    rewrite_with_ranks(results_path, embeddings.ranks(get_settings().grounding_gallery))
+    if embeddings.null_captions:
+        write_prior(store.output(job.id, "prior.json"), embeddings.null_captions)
+
+
+def forget_null_captions(model: nn.Module) -> None:
+    """Drop the model's kept gray-image captions (the next grounded batch decodes them again), as a
+    fresh process would: the overhead bench times that cost."""
+    _null.pop(model, None)

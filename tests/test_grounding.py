@@ -1,0 +1,227 @@
+"""Grounding measures (issue 14): the model's own contrastive embeddings, exactly as open_clip computes
+them, per caption; retrieval ranks; the gray image's captions; CLI and service outputs."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from service_stack import TINY, free_port, image_bytes, redis_server, service, service_env, wait_for_workers, wait_job
+
+from services.cli import main
+from services.decoder import grounding
+from services.decoder.grounding import caption_grounded, gray_pixels, retrieval_ranks, token_f1
+from services.decoder.stage import decode
+from services.encoder.stage import check_layers, encode, encode_grounded
+from shared.schemas import DecodeParams
+
+SOT, EOT, PAD = 49406, 49407, 0
+
+
+def open_clip_ids(lm, tokens: list[int]) -> torch.Tensor:
+    """A caption's generated ids as open_clip's tokenizer lays them out: [SOT, tokens, EOT, 0...] to the
+    context length (a caption that ended with the pad id 0 keeps it as its end)."""
+    seq = [SOT, *tokens] + ([] if tokens and tokens[-1] == PAD else [EOT])
+    return torch.tensor(seq + [PAD] * (lm.model.text.context_length - len(seq)))
+
+
+def open_clip_text(lm, decoded) -> torch.Tensor:
+    return lm.model.encode_text(torch.stack([open_clip_ids(lm, d.tokens) for d in decoded]), normalize=False)
+
+
+@pytest.fixture()
+def end_biased(tiny):
+    """tiny with the end token's (or the pad id 0's) logit scaled: captions then end at many lengths,
+    naturally, in one batch (scales found by trying, for these random weights)."""
+    proj = tiny.model.text_decoder.text_projection
+    saved = proj.clone()
+
+    def bias(token: int, scale: float):
+        with torch.no_grad():
+            proj.copy_(saved)
+            proj[:, token] *= scale
+        return tiny
+
+    yield bias
+    with torch.no_grad():
+        proj.copy_(saved)
+
+
+@pytest.mark.parametrize("model", ["tiny", "trained_like"])
+def test_image_embedding_is_encode_image_when_the_selection_stops_early(model, pixels, request):
+    lm = request.getfixturevalue(model)
+    visual = lm.model.visual
+    latents, embeddings = encode_grounded(visual, pixels, [1, 0])
+    assert torch.allclose(embeddings, lm.model.encode_image(pixels, normalize=False), atol=1e-5)
+    assert torch.equal(latents, encode(visual, pixels, [1, 0]))  # the extra last block changes no latent
+    _, with_last_selected = encode_grounded(visual, pixels, [3, 0])
+    assert torch.allclose(with_last_selected, embeddings, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["tiny", "trained_like"])
+@pytest.mark.parametrize("params", [DecodeParams(seq_len=9), DecodeParams(seq_len=32),
+                                    DecodeParams(strategy="beam", num_beams=3, seq_len=9)],
+                         ids=["cut-at-9", "cut-at-the-context-length", "beam"])
+def test_text_embedding_is_encode_text_for_captions_cut_at_max_length(model, params, pixels, request):
+    lm = request.getfixturevalue(model)
+    latents = encode(lm.model.visual, pixels, [0, 3])
+    decoded = decode(lm, latents.flatten(0, 1), params, embed_text=True)
+    assert all(len(d.tokens) == params.seq_len - 2 for d in decoded)  # every one ran into the limit
+    ours = torch.stack([d.text_embedding for d in decoded])
+    assert torch.allclose(ours, open_clip_text(lm, decoded), atol=1e-5)
+
+
+@pytest.mark.parametrize("end, scale, strategy", [(EOT, -3.0, "greedy"), (PAD, 3.0, "greedy"), (PAD, 3.0, "beam")])
+def test_text_embedding_is_encode_text_for_captions_that_ended(end_biased, latents_all, end, scale, strategy):
+    lm = end_biased(end, scale)
+    params = DecodeParams(strategy=strategy, num_beams=2, seq_len=20, min_seq_len=2)
+    decoded = decode(lm, latents_all, params, embed_text=True, batch_rows=16)
+    lengths = [len(d.tokens) for d in decoded]
+    ended = [d for d in decoded if len(d.tokens) < 18]
+    assert len(ended) >= 4 and len(set(lengths)) >= 3, lengths  # rows left the batch at different steps
+    if end == PAD:
+        assert any(d.tokens and d.tokens[-1] == PAD for d in ended)
+    ours = torch.stack([d.text_embedding for d in decoded])
+    assert torch.allclose(ours, open_clip_text(lm, decoded), atol=1e-5)
+
+
+def test_text_embedding_follows_the_corrected_cls_mask(tiny, latents_all):
+    tiny.model.text.correct_cls_mask = True
+    try:
+        decoded = decode(tiny, latents_all[:6], DecodeParams(seq_len=32), embed_text=True)
+        ours = torch.stack([d.text_embedding for d in decoded])
+        assert torch.allclose(ours, open_clip_text(tiny, decoded), atol=1e-5)
+    finally:
+        tiny.model.text.correct_cls_mask = False
+
+
+@pytest.fixture(scope="module")
+def latents_all(tiny, pixels):
+    return encode(tiny.model.visual, pixels, check_layers(tiny.model.visual, None)).flatten(0, 1)  # [24, 8, 48]
+
+
+@pytest.mark.parametrize("model", ["tiny", "trained_like"])
+def test_image_score_is_open_clip_cosine_and_gray_input_is_prior(model, pixels, request):
+    lm = request.getfixturevalue(model)
+    grounding.forget_null_captions(lm.model)
+    images = torch.cat([pixels[:3], gray_pixels(lm)])  # the last image IS the null input
+    layers = [2, 0]
+    latents, embeddings = encode_grounded(lm.model.visual, images, layers)
+    params = DecodeParams(seq_len=10)
+    g = caption_grounded(lm, latents, embeddings, layers, ["a", "b", "c", "gray"], params)
+    image_latent = lm.model.encode_image(images)
+    for i, per_image in enumerate(g.captions):
+        text_latent = lm.model.encode_text(torch.stack([open_clip_ids(lm, c.tokens) for c in per_image]))
+        assert [c.image_score for c in per_image] == pytest.approx((text_latent @ image_latent[i]).tolist(), abs=1e-5)
+        assert [c.last_layer_similarity for c in per_image] == pytest.approx(
+            (text_latent @ text_latent[0]).tolist(), abs=1e-5)  # layer 2 is the deepest selected
+        assert per_image[0].last_layer_similarity == pytest.approx(1.0, abs=1e-5)
+    gray = g.captions[3]
+    assert all(c.prior and c.prior_overlap == 1.0 for c in gray)
+    assert g.null_captions == {"layer_2": gray[0].caption, "layer_0": gray[1].caption}
+    for per_image in g.captions[:3]:
+        for c, null in zip(per_image, gray):
+            assert c.prior == (c.caption == null.caption)
+            assert c.prior_overlap == pytest.approx(token_f1(c.tokens, null.tokens))
+    # kept per (model, layers, params): a later batch reuses the same gray captions
+    kept = grounding._null[lm.model][((2, 0), params)]
+    again = caption_grounded(lm, latents[:, :1], embeddings[:1], layers, ["a"], params)
+    assert grounding._null[lm.model][((2, 0), params)] is kept and again.null_captions == g.null_captions
+    assert again.captions[0][0].image_score == pytest.approx(g.captions[0][0].image_score, abs=1e-6)
+
+
+def test_token_f1():
+    assert token_f1([1, 2, 3], [1, 2, 3]) == 1.0
+    assert token_f1([1, 1, 2], [1, 3]) == pytest.approx(2 * 1 / 5)
+    assert token_f1([], []) == 1.0 and token_f1([1], []) == 0.0
+
+
+def brute_force_ranks(text, image, gallery, seed=0):
+    n = image.shape[0]
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, gallery)].tolist()
+    ranks = []
+    for i in range(n):
+        members = sample if i in sample else sample[:-1] + [i]
+        row = []
+        for t in text[i]:
+            own = float(t @ image[i])
+            row.append(1 + sum(float(t @ image[j]) > own for j in members if j != i))
+        ranks.append(row)
+    return ranks
+
+
+@pytest.mark.parametrize("gallery", [1000, 5, 2])
+def test_retrieval_ranks_equal_a_brute_force(gallery):
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(13, 16, generator=g), dim=-1)
+    text = F.normalize(image[:, None] + 0.8 * torch.randn(13, 3, 16, generator=g), dim=-1)  # [13, 3, 16]
+    ranks, size = retrieval_ranks(text, image, gallery)
+    assert size == min(13, gallery)
+    assert ranks.tolist() == brute_force_ranks(text, image, gallery)
+    assert ranks.min() >= 1 and ranks.max() <= size
+
+
+def test_cli_writes_grounding_fields_and_prior(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(image_bytes(i))
+    Image.new("RGB", (40, 30), (128, 128, 128)).save(images / "gray.png")
+    out = tmp_path / "out"
+    args = ["verbalize", str(images), "--layers", "0,2", "--seq-len", "8", *TINY]
+    assert main([*args, "--out", str(out), "--gallery", "3"]) == 0
+    results = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    prior = json.loads((out / "prior.json").read_text())
+    assert sorted(prior) == ["layer_0", "layer_2"]
+    for r in results.values():
+        for c in r["layers"]:
+            assert -1 <= c["image_score"] <= 1 and c["gallery_size"] == 3 and 1 <= c["retrieval_rank"] <= 3
+            assert c["prior"] == (c["caption"] == prior[f"layer_{c['layer']}"]) and 0 <= c["prior_overlap"] <= 1
+        assert r["layers"][1]["last_layer_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert all(c["prior"] for c in results["gray"]["layers"])  # a flat gray image (any size) is the null input
+
+    plain = tmp_path / "plain"
+    assert main([*args, "--out", str(plain), "--no-grounding"]) == 0
+    fields = {"image_score", "retrieval_rank", "gallery_size", "prior", "prior_overlap", "last_layer_similarity"}
+    for line in (plain / "results.jsonl").read_text().splitlines():
+        assert all(not fields & set(c) for c in json.loads(line)["layers"])
+    assert not (plain / "prior.json").exists()
+
+    one = tmp_path / "one"
+    assert main(["verbalize", str(images / "0.png"), "--out", str(one), *TINY]) == 0
+    (r,) = map(json.loads, (one / "results.jsonl").read_text().splitlines())
+    assert all(c["image_score"] is not None and "retrieval_rank" not in c for c in r["layers"])
+
+
+def test_bad_gallery_is_named(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(image_bytes(0))
+    assert main(["verbalize", str(tmp_path), "--out", str(tmp_path / "o"), "--gallery", "1", *TINY]) == 2
+    assert "--gallery 1" in capsys.readouterr().err
+
+
+def test_service_job_ranks_across_chunks(tmp_path):
+    with redis_server(tmp_path) as url:
+        port = free_port()
+        env = service_env(url, tmp_path, LV_PORT=str(port), LV_CHUNK_SIZE="2")
+        with service(["serve", *TINY], env, tmp_path / "serve.log", port) as api:
+            wait_for_workers(url)
+            files = [("files", (f"{i}.png", image_bytes(i))) for i in range(5)]
+            options = {"categorize": False, "layers": [0, 2], "decode": {"seq_len": 8}}
+            job_id = api.post("/v1/jobs", files=files, data={"options": json.dumps(options)}).json()["id"]
+            assert wait_job(api, job_id)["status"] == "succeeded"
+            lines = [json.loads(line) for line in api.get(f"/v1/jobs/{job_id}/results").text.splitlines()]
+            prior = json.loads((tmp_path / "artifacts" / "jobs" / job_id / "prior.json").read_text())
+
+            plain_id = api.post("/v1/jobs", files=files[:2], data={"options": json.dumps(
+                {**options, "grounding": False})}).json()["id"]
+            assert wait_job(api, plain_id)["status"] == "succeeded"
+            plain = [json.loads(line) for line in api.get(f"/v1/jobs/{plain_id}/results").text.splitlines()]
+    assert sorted(prior) == ["layer_0", "layer_2"]
+    assert [r["id"] for r in lines] == ["0", "1", "2", "3", "4"]  # three chunks
+    ranks = [c["retrieval_rank"] for r in lines for c in r["layers"]]
+    assert all(c["gallery_size"] == 5 for r in lines for c in r["layers"]) and all(1 <= k <= 5 for k in ranks)
+    for r in lines:
+        for c in r["layers"]:
+            assert -1 <= c["image_score"] <= 1 and c["prior"] == (c["caption"] == prior[f"layer_{c['layer']}"])
+    assert all("image_score" not in c for r in plain for c in r["layers"])
