@@ -58,7 +58,8 @@ def test_health_options_docs(api):
     assert api.get("/docs").status_code == 200
     assert "ShardJobRequest" in api.get("/openapi.json").text
     options = api.get("/v1/options").json()
-    assert options["model"] == {"name": "coca_tiny", "pretrained": "none", "layers": 4, "max_seq_len": 32}
+    model = options["model"]  # (its weights field: tests/test_pretrained.py)
+    assert (model["name"], model["layers"], model["max_seq_len"]) == ("coca_tiny", 4, 32)
     assert options["defaults"]["decode"]["seq_len"] == 30 and options["defaults"]["categorize"] is True
     assert set(options["schema"]["properties"]) == {"layers", "decode", "categorize", "backend", "grounding"}
     assert options["limits"]["max_files"] == MAX_FILES
@@ -90,8 +91,10 @@ def test_submit_list_cancel_delete(api):
                                "chunks": 1}
     assert api.get("/v1/jobs").json()["jobs"][0]["id"] == job_id
     refused(api.get(f"/v1/jobs/{job_id}/results"), 409, "queued")
-    assert api.delete(f"/v1/jobs/{job_id}").json() == {"id": job_id, "status": "cancelled"}
+    refused(api.delete(f"/v1/jobs/{job_id}"), 409, "cancel it first")
+    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
     assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    refused(api.post(f"/v1/jobs/{job_id}/cancel"), 409, "nothing to cancel")
     assert api.delete(f"/v1/jobs/{job_id}").json() == {"id": job_id, "status": "deleted"}
     refused(api.get(f"/v1/jobs/{job_id}"), 404, "no job")
     refused(api.get("/v1/jobs/../../etc/passwd"), 404, "")
@@ -223,4 +226,4 @@ def test_heartbeats_drive_readiness_and_job_hints(stack, api):
         encoder.stop()
         decoder.stop()
     assert api.get(job_url).json()["waiting_for"]["encode"] == "no encode worker is running"
-    api.delete(job_url)
+    api.post(f"{job_url}/cancel")
