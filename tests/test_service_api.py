@@ -91,8 +91,10 @@ def test_submit_list_cancel_delete(api):
                                "chunks": 1}
     assert api.get("/v1/jobs").json()["jobs"][0]["id"] == job_id
     refused(api.get(f"/v1/jobs/{job_id}/results"), 409, "queued")
-    assert api.delete(f"/v1/jobs/{job_id}").json() == {"id": job_id, "status": "cancelled"}
+    refused(api.delete(f"/v1/jobs/{job_id}"), 409, "cancel it first")
+    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
     assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    refused(api.post(f"/v1/jobs/{job_id}/cancel"), 409, "nothing to cancel")
     assert api.delete(f"/v1/jobs/{job_id}").json() == {"id": job_id, "status": "deleted"}
     refused(api.get(f"/v1/jobs/{job_id}"), 404, "no job")
     refused(api.get("/v1/jobs/../../etc/passwd"), 404, "")
@@ -224,4 +226,4 @@ def test_heartbeats_drive_readiness_and_job_hints(stack, api):
         encoder.stop()
         decoder.stop()
     assert api.get(job_url).json()["waiting_for"]["encode"] == "no encode worker is running"
-    api.delete(job_url)
+    api.post(f"{job_url}/cancel")

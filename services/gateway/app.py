@@ -8,19 +8,23 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from services.gateway.backends import LLMProbe
-from services.gateway.deps import Gateway
+from services.gateway.deps import Gateway, require_api_key
 from services.gateway.housekeeper import Housekeeper
 from services.gateway.metrics import registry
 from services.gateway.model_info import describe_model
 from services.gateway.routers import health, jobs
+from services.gateway.schemas import ErrorOut, FieldError, ModelInfo, errors
 from shared.artifacts import ArtifactStore
 from shared.jobs import JobStore
 from shared.queue import connect, redis_url
@@ -30,10 +34,12 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 REDIS_TIMEOUT_S = 5.0  # no request waits longer on Redis
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # what a 405's Allow header may list
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    model = describe_model(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_store = JobStore(client, settings.job_ttl_s, settings.redis_prefix)
         artifacts = ArtifactStore(settings.artifact_dir)
         llm = LLMProbe(settings.llm_url, settings.llm_model, settings.llm_api_key) if settings.llm_url else None
-        app.state.gateway = Gateway(settings, client, job_store, artifacts, describe_model(settings), llm)
+        app.state.gateway = Gateway(settings, client, job_store, artifacts, model, llm)
         app.state.metrics = registry(client, settings.redis_prefix)
         housekeeper = Housekeeper(client, job_store, artifacts, settings.job_ttl_s, settings.redis_prefix)
         housekeeper.start()
@@ -51,36 +57,117 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         housekeeper.stop()
         client.close()
 
-    app = FastAPI(title="latent-verbalizer", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="latent-verbalizer", version="0.1.0", lifespan=lifespan, responses=errors(500),
                   description="Caption every layer of a CoCa vision encoder: submit images, follow the job, "
                               "read each image's captions layer by layer.")
     app.include_router(health.router)
-    app.include_router(jobs.router)
+    # With API keys, /v1 takes a bearer key, and the document says so (security scheme, 401 on every route).
+    auth = {"dependencies": [Depends(require_api_key)], "responses": errors(401)} if settings.api_keys else {}
+    app.include_router(jobs.router, **auth)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(redis.RedisError, _redis_error)
     app.add_exception_handler(Exception, _internal_error)
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer")
     else:
         app.add_api_route("/", _no_viewer, include_in_schema=False)
+    app.openapi = lambda: _document(app, model)
     return app
+
+
+def _document(app: FastAPI, model: ModelInfo) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, made once, with what it cannot know: the error model and the served model."""
+    if app.openapi_schema is None:
+        doc = FastAPI.openapi(app)  # caches it in app.openapi_schema: the edits below stay
+        _one_error_model(doc)
+        _model_bounds(doc, model)
+        _job_links(doc)
+    return app.openapi_schema
+
+
+def _one_error_model(doc: dict[str, Any]) -> None:
+    """Every error status in the document answers ErrorOut, as the handlers below make it: FastAPI's own 422
+    (HTTPValidationError) and a status declared with a description alone get it."""
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            for status, answer in operation["responses"].items():
+                if status[0] in "45":  # 4xx, 5xx, 4XX, 5XX
+                    answer["content"] = body
+    for name in ("HTTPValidationError", "ValidationError"):
+        doc["components"]["schemas"].pop(name, None)
+
+
+def _job_links(doc: dict[str, Any]) -> None:
+    """POST /v1/jobs's 202 links to every operation on the job it made (OpenAPI links: what a client, or
+    schemathesis' stateful tests, may call next with its `id`)."""
+    created = doc["paths"]["/v1/jobs"]["post"]["responses"]["202"]
+    job_id = {"job_id": "$response.body#/id"}
+    created["links"] = {
+        operation["operationId"]: {"operationId": operation["operationId"], "parameters": job_id}
+        for path, operations in doc["paths"].items() if path.startswith("/v1/jobs/{job_id}")
+        for operation in operations.values()
+    }
+
+
+def _model_bounds(doc: dict[str, Any], model: ModelInfo) -> None:
+    """The job options' bounds that come from the served model (jobs.py refuses what is outside them): which
+    blocks `layers` may name, each once, and how long `decode.seq_len` may be."""
+    schemas = doc["components"]["schemas"]
+    if model.layers is not None:
+        layers = next(s for s in schemas["JobOptions"]["properties"]["layers"]["anyOf"] if s.get("type") == "array")
+        layers.update(maxItems=model.layers, uniqueItems=True)
+        layers["items"].update(minimum=-model.layers, maximum=model.layers - 1)
+    if model.max_seq_len is not None:
+        decode = schemas["DecodeParams"]["properties"]
+        decode["seq_len"]["maximum"] = min(decode["seq_len"]["maximum"], model.max_seq_len)
+        decode["min_seq_len"]["maximum"] = decode["seq_len"]["maximum"] - 1
+
+
+# Every error answer is an ErrorOut, whoever raised it: request validation, a handler, Starlette's routing
+# or the viewer's static files.
+
+
+def _error(status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorOut(detail=detail, field=field).model_dump(exclude_none=True), status_code=status,
+                        headers=headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    return JSONResponse({"detail": f"{where}: {first['msg']}"}, status_code=422)
+    return _error(422, f"{where}: {first['msg']}", where)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    headers = dict(exc.headers or {})
+    detail = str(exc.detail)
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        detail = f"{request.method} is not allowed on {request.url.path}: it takes {', '.join(allowed)}"
+    return _error(exc.status_code, detail, exc.field if isinstance(exc, FieldError) else None, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the path takes (Starlette names only the first route's, and the viewer
+    mounted at / none); a path that only the viewer serves takes GET and HEAD."""
+    routes = [route for route in request.app.routes if not isinstance(route, Mount)]
+    allowed = [method for method in METHODS
+               if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+    return allowed or ["GET", "HEAD"]
 
 
 async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
     log.error("redis error", extra={"path": request.url.path, "error": str(exc)})
-    return JSONResponse({"detail": f"job store unavailable, try again: {exc}"}, status_code=503)
+    return _error(503, f"job store unavailable, try again: {exc}")
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", extra={"path": request.url.path})
-    return JSONResponse({"detail": "internal error (logged by the gateway)"}, status_code=500)
+    return _error(500, "internal error (logged by the gateway)")
 
 
 async def _no_viewer() -> JSONResponse:
-    return JSONResponse({"detail": "the web viewer is not installed here; the API is at /docs"}, status_code=404)
+    return _error(404, "the web viewer is not installed here; the API is at /docs")

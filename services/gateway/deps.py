@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Annotated
 
 import redis
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.gateway.backends import LLMProbe
 from services.gateway.schemas import ModelInfo
@@ -35,13 +37,15 @@ def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-async def require_api_key(request: Request) -> None:
-    """With LV_API_KEYS set, every /v1 request must carry `Authorization: Bearer <one of the keys>`."""
+BEARER = HTTPBearer(auto_error=False, description="one of the server's API keys (LV_API_KEYS)")
+
+
+async def require_api_key(request: Request,
+                          bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+    """`Authorization: Bearer <one of the keys>`: the app puts this on /v1 when LV_API_KEYS is set."""
     keys = gateway(request).settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+    token = bearer.credentials if bearer else ""
+    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
         raise HTTPException(401, "missing or invalid API key: send Authorization: Bearer <key>",
                             headers={"WWW-Authenticate": "Bearer"})
 

@@ -4,11 +4,49 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from typing import Any
 
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.heartbeat import WorkerBeat
 from shared.jobs import CategorizerBackend, JobOptions, JobRecord, JobStatus
+
+
+class ErrorOut(BaseModel):
+    """Every error answer (4xx and 5xx) of the gateway, request validation's included."""
+
+    detail: str = Field(description="why, in words")
+    field: str | None = Field(None, description="the part of the request at fault, dotted (query.limit, files, "
+                                                "options.decode.seq_len); absent when no one part is")
+
+
+class FieldError(HTTPException):
+    """A refusal that names the part of the request at fault: its ErrorOut carries `field`."""
+
+    def __init__(self, status_code: int, detail: str, field: str) -> None:
+        super().__init__(status_code, detail)
+        self.field = field
+
+
+ERRORS = {  # status -> what it means on this API
+    400: "the body does not parse (e.g. a broken multipart form)",
+    401: "missing or invalid API key: send `Authorization: Bearer <key>`",
+    403: "not allowed on this server (a shard outside its data roots, shard URLs disabled)",
+    404: "no such job (unknown or expired), output or shard",
+    409: "the job has not succeeded: its outputs do not exist (yet)",
+    411: "no Content-Length header (streamed bodies are not accepted)",
+    413: "over a limit of the server: body bytes, files or shards per job (GET /v1/options)",
+    415: "a content type or a file the server does not take",
+    422: "a well-formed request with invalid content: `field` names the part",
+    500: "an unexpected error (logged by the gateway)",
+    503: "Redis or the artifact store is unavailable: try again",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route or router: each status it may answer, all with ErrorOut."""
+    return {code: {"model": ErrorOut, "description": ERRORS[code]} for code in codes}
 
 
 class ShardJobRequest(BaseModel):
@@ -96,7 +134,7 @@ class JobList(BaseModel):
 
 class Deleted(BaseModel):
     id: str
-    status: str = Field(description="cancelled (it was active) or deleted (it had ended)")
+    status: str = Field(description="deleted")
 
 
 class ModelInfo(BaseModel):

@@ -8,19 +8,21 @@ images are checked when the images are read (services.gateway.submit)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import httpx
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway.schemas import FieldError
 from shared.images import sniff
 from shared.jobs import JobOptions
 from shared.settings import Settings
@@ -30,6 +32,7 @@ OPTIONS_FIELD_BYTES = 64 * 1024
 JSON_BODY_BYTES = 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 30.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
@@ -47,11 +50,12 @@ def check_length(request: Request, limit: int) -> None:
         raise HTTPException(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
 
 
-def invalid(e: ValidationError, what: str = "options") -> HTTPException:
+def invalid(e: ValidationError, what: str = "options") -> FieldError:
     """A 422 naming the first problem pydantic found, e.g. "bad options at decode.seq_len: ..."."""
     first = e.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    return HTTPException(422, f"bad {what}{' at ' + where if where else ''}: {first['msg']}")
+    return FieldError(422, f"bad {what}{' at ' + where if where else ''}: {first['msg']}",
+                      f"{what}.{where}" if where else what)
 
 
 async def read_uploads(request: Request, settings: Settings, dest: Path) -> tuple[list[JobInput], JobOptions]:
@@ -67,16 +71,16 @@ async def read_uploads(request: Request, settings: Settings, dest: Path) -> tupl
     options = _parse_options(form.get("options"))
     files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not files:
-        raise HTTPException(422, "no files: send one or more images or .tar shards as multipart field `files`")
+        raise FieldError(422, "no files: send one or more images or .tar shards as multipart field `files`", "files")
     inputs = []
     for n, upload in enumerate(files):
         name = Path((upload.filename or "").replace("\\", "/")).name or f"file-{n}"
         head = await upload.read(512)  # enough for every magic number, a tar's included
         if not head:
-            raise HTTPException(422, f"{name}: empty file (0 bytes)")
+            raise FieldError(422, f"{name}: empty file (0 bytes)", "files")
         kind = sniff(head)
         if kind is None:
-            raise HTTPException(415, f"{name}: not a JPEG, PNG or WebP image, nor a .tar shard (content check)")
+            raise FieldError(415, f"{name}: not a JPEG, PNG or WebP image, nor a .tar shard (content check)", "files")
         path = dest / str(n) / f"{_safe_stem(name)}{SUFFIX[kind]}"
         path.parent.mkdir(parents=True)
         await upload.seek(0)
@@ -94,11 +98,26 @@ def _parse_options(field: object) -> JobOptions:
     if field is None:
         return JobOptions()
     if not isinstance(field, str):
-        raise HTTPException(422, "bad options: `options` must be a JSON text field, not a file")
+        raise FieldError(422, "bad options: `options` must be a JSON text field, not a file", "options")
+    return parse_json(JobOptions, field, "options")
+
+
+def parse_json(model: type[M], text: str | bytes, what: str) -> M:
+    """JSON text as `model`, its types read as the OpenAPI document (JSON Schema) states them: 2.0 is an
+    integer, true and "2" are not (pydantic's lax mode takes all three, its strict mode none)."""
     try:
-        return JobOptions.model_validate_json(field)
+        data = json.loads(text, parse_float=_number)
+    except ValueError as e:
+        raise FieldError(422, f"bad {what}: not JSON ({e})", what) from e
+    try:
+        return model.model_validate(data, strict=True)
     except ValidationError as e:
-        raise invalid(e) from e
+        raise invalid(e, what) from e
+
+
+def _number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _safe_stem(name: str) -> str:

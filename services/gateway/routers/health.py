@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway.deps import gateway
+from services.gateway.schemas import errors
 
 router = APIRouter(tags=["health"])
 
@@ -44,6 +45,7 @@ def readyz(request: Request, scope: Scope = "service") -> dict:
     return {"status": "ready"}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}, **errors(503)})
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

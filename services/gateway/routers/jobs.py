@@ -8,11 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from pydantic import ValidationError
 
-from services.gateway.deps import Gateway, find_job, gateway, require_api_key
+from services.gateway.backends import usable_backends
+from services.gateway.deps import Gateway, find_job, gateway
 from services.gateway.schemas import (
     Deleted,
+    FieldError,
     JobCreated,
     JobList,
     JobOut,
@@ -20,13 +21,13 @@ from services.gateway.schemas import (
     Links,
     OptionsOut,
     ShardJobRequest,
+    errors,
 )
-from services.gateway.backends import usable_backends
 from services.gateway.submit import check_backend, submit
 from services.gateway.uploads import (
     JSON_BODY_BYTES,
     check_length,
-    invalid,
+    parse_json,
     read_uploads,
     resolve_shards,
 )
@@ -38,21 +39,29 @@ from shared.taxonomy import load_taxonomy
 
 Job = Annotated[JobRecord, Depends(find_job)]  # the job named by the path's {job_id}, or 404
 
-router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key)])
+# The API key check (and its 401) is added by the app when keys are configured.
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=errors(503))
 
-# Both request forms, for /docs (the handler reads the body itself to accept either).
+INPUT_TYPES = "image/jpeg, image/png, image/webp, application/x-tar"
+
+# Both request forms, for /docs and generated clients (the handler reads the body itself to accept either).
 _SUBMIT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["files"],
-                "properties": {
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                              "description": "images (JPEG, PNG, WebP) and/or webdataset .tar shards"},
-                    "options": {"type": "string", "description": "JSON text of the options (GET /v1/options)"},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object", "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+                                  "description": "images (JPEG, PNG, WebP) and/or webdataset .tar shards, one "
+                                                 "part each; the content decides, not the name"},
+                        # A part of JSON text: the default encoding of an object property in a form.
+                        "options": {"$ref": "#/components/schemas/JobOptions"},
+                    },
                 },
-            }},
+                "encoding": {"files": {"contentType": INPUT_TYPES}, "options": {"contentType": "application/json"}},
+            },
             # JobOptions and DecodeParams are in the spec's components already (JobOut uses them).
             "application/json": {"schema": {
                 k: v for k, v in ShardJobRequest.model_json_schema(ref_template="#/components/schemas/{model}").items()
@@ -62,7 +71,8 @@ _SUBMIT_BODY = {
     }
 }
 
-OUTPUTS = {  # endpoint file -> (media type, needs categorization)
+OUTPUTS = {  # output file -> (media type, needs categorization)
+    "results.jsonl": ("application/x-ndjson", False),
     "summary.json": ("application/json", False),
     "figure.png": ("image/png", True),
     "entropy.png": ("image/png", False),
@@ -72,8 +82,13 @@ OUTPUTS = {  # endpoint file -> (media type, needs categorization)
 }
 
 
+def _file_doc(name: str) -> dict[int | str, dict]:
+    """An output route's answers: the file, with its media type, or why there is none."""
+    return {200: {"description": name, "content": {OUTPUTS[name][0]: {}}}, **errors(404, 409)}
+
+
 @router.post("/jobs", status_code=202, response_model=JobCreated, openapi_extra=_SUBMIT_BODY,
-             summary="Submit images or shards")
+             responses=errors(400, 403, 404, 411, 413, 415, 422), summary="Submit images or shards")
 async def create_job(request: Request) -> JobCreated:
     gw = gateway(request)
     job_id = new_job_id()
@@ -97,10 +112,7 @@ async def create_job(request: Request) -> JobCreated:
 
 async def _shard_request(request: Request) -> ShardJobRequest:
     check_length(request, JSON_BODY_BYTES)
-    try:
-        return ShardJobRequest.model_validate_json(await request.body())
-    except ValidationError as e:
-        raise invalid(e, "request") from e
+    return parse_json(ShardJobRequest, await request.body(), "request")
 
 
 def _checked_options(options: JobOptions, gw: Gateway) -> JobOptions:
@@ -111,21 +123,22 @@ def _checked_options(options: JobOptions, gw: Gateway) -> JobOptions:
         try:
             layers = resolve_layers(layers, n)
         except ValueError as e:
-            raise HTTPException(422, f"bad options at layers: {e} ({gw.model.name})") from e
+            raise FieldError(422, f"bad options at layers: {e} ({gw.model.name})", "options.layers") from e
     if max_len is not None and options.decode.seq_len > max_len:
-        raise HTTPException(422, f"bad options at decode.seq_len: {gw.model.name} allows at most {max_len}")
+        raise FieldError(422, f"bad options at decode.seq_len: {gw.model.name} allows at most {max_len}",
+                         "options.decode.seq_len")
     backend = options.backend or gw.settings.categorizer_backend
     checked = options.model_copy(update={"layers": layers, "backend": backend})
     check_backend(gw, checked)
     return checked
 
 
-@router.get("/jobs", response_model=JobList, summary="Recent jobs, newest first")
+@router.get("/jobs", response_model=JobList, responses=errors(422), summary="Recent jobs, newest first")
 def list_jobs(request: Request, limit: int = Query(50, ge=1, le=500)) -> JobList:
     return JobList(jobs=[JobOut.of(j) for j in gateway(request).jobs.recent(limit)])
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, summary="Status and progress")
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(404), summary="Status and progress")
 def get_job(request: Request, job: Job) -> JobOut:
     waiting_for = None
     if job.status in ACTIVE:  # the stages it still needs that no worker can run now
@@ -134,54 +147,68 @@ def get_job(request: Request, job: Job) -> JobOut:
     return JobOut.of(job, waiting_for)
 
 
-@router.delete("/jobs/{job_id}", response_model=Deleted, summary="Cancel an active job, or delete an ended one")
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409),
+             summary="Cancel a queued or running job", description="The job stays, with status `cancelled`.")
+def cancel_job(request: Request, job: Job) -> JobOut:
+    gw = gateway(request)
+    if not (job.status in ACTIVE and gw.jobs.finish(job.id, JobStatus.cancelled)):
+        raise HTTPException(409, "job has ended: nothing to cancel")
+    cancel_queued(gw.client, job.id, job.chunks)
+    gw.store.delete_job(job.id)
+    return JobOut.of(gw.jobs.get(job.id) or job)
+
+
+# DELETE removes the job for good, so a read after it is a 404: an active job must be cancelled first.
+@router.delete("/jobs/{job_id}", response_model=Deleted, responses=errors(404, 409),
+               summary="Delete an ended job and its outputs")
 def delete_job(request: Request, job: Job) -> Deleted:
     gw = gateway(request)
-    if job.status in ACTIVE and gw.jobs.finish(job.id, JobStatus.cancelled):
-        cancel_queued(gw.client, job.id, job.chunks)
-        gw.store.delete_job(job.id)
-        return Deleted(id=job.id, status=JobStatus.cancelled.value)
+    if job.status in ACTIVE:
+        raise HTTPException(409, f"job is {job.status.value}: cancel it first (POST /v1/jobs/{job.id}/cancel)")
     gw.jobs.delete(job.id)
     gw.store.delete_job(job.id)
     return Deleted(id=job.id, status="deleted")
 
 
 @router.get("/jobs/{job_id}/results", summary="One JSON line per image: captions per layer (+ phrases)",
-            response_class=FileResponse, responses={200: {"content": {"application/x-ndjson": {}}}})
+            response_class=FileResponse, responses=_file_doc("results.jsonl"))
 def get_results(request: Request, job: Job) -> FileResponse:
-    return FileResponse(_output(request, job, "results.jsonl"), media_type="application/x-ndjson",
+    return FileResponse(_output(request, job, "results.jsonl"), media_type=OUTPUTS["results.jsonl"][0],
                         filename=f"{job.id}-results.jsonl", content_disposition_type="inline")
 
 
-@router.get("/jobs/{job_id}/summary", summary="Per-layer distribution and entropy", response_class=FileResponse)
+@router.get("/jobs/{job_id}/summary", summary="Per-layer distribution and entropy", response_class=FileResponse,
+            responses=_file_doc("summary.json"))
 def get_summary(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "summary.json")
 
 
 @router.get("/jobs/{job_id}/figure.png", summary="Stacked-area figure of classes per layer",
-            response_class=FileResponse)
+            response_class=FileResponse, responses=_file_doc("figure.png"))
 def get_figure(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "figure.png")
 
 
-@router.get("/jobs/{job_id}/entropy.png", summary="Mean caption entropy per layer", response_class=FileResponse)
+@router.get("/jobs/{job_id}/entropy.png", summary="Mean caption entropy per layer", response_class=FileResponse,
+            responses=_file_doc("entropy.png"))
 def get_entropy(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "entropy.png")
 
 
 @router.get("/jobs/{job_id}/distribution.csv", summary="Mean percentage of class per layer",
-            response_class=FileResponse)
+            response_class=FileResponse, responses=_file_doc("distribution.csv"))
 def get_distribution(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "distribution.csv")
 
 
 @router.get("/jobs/{job_id}/grounding.png", summary="Grounding curves per layer (image score, R@1, prior share)",
-            response_class=FileResponse)
+            response_class=FileResponse, responses=_file_doc("grounding.png"))
 def get_grounding_figure(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "grounding.png")
 
 
-@router.get("/jobs/{job_id}/grounding.csv", summary="Grounding measures per layer", response_class=FileResponse)
+@router.get("/jobs/{job_id}/grounding.csv", summary="Grounding measures per layer", response_class=FileResponse,
+            responses=_file_doc("grounding.csv"))
 def get_grounding_table(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "grounding.csv")
 

@@ -136,7 +136,8 @@ export const api = {
   options: () => getJSON("/v1/options"),
   jobs: (limit = 200) => getJSON(`/v1/jobs?limit=${limit}`),
   job: (id, signal) => getJSON(`/v1/jobs/${id}`, { signal }),
-  cancel: (id) => getJSON(`/v1/jobs/${id}`, { method: "DELETE" }),
+  cancel: (id) => getJSON(`/v1/jobs/${id}/cancel`, { method: "POST" }),
+  remove: (id) => getJSON(`/v1/jobs/${id}`, { method: "DELETE" }),
   async results(id) {
     const text = await (await request(`/v1/jobs/${id}/results`)).text();
     return text

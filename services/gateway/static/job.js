@@ -253,7 +253,7 @@ export class JobView {
     const { id } = this.job;
     if (!window.confirm("Delete this job and its results from the server?")) return;
     try {
-      await api.cancel(id);
+      await api.remove(id);
     } catch (e) {
       if (e.status !== 404) {
         this.showError(`Could not delete: ${e.detail}`);
