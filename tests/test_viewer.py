@@ -272,6 +272,31 @@ def test_chip_colours_are_the_figure_colours(page, stack):
     expect(legend.first).to_be_visible()
 
 
+def test_grounding_curves_and_a_mark_per_caption(page, stack):
+    """A job with grounding (the default) shows the grounding figure, and in every ladder row the caption's
+    image score and rank; a flat mid-gray image is the null input itself, so each of its captions is the
+    decoder's prior and is marked so."""
+    page.goto("/")
+    expect(page.locator("#model-info")).to_contain_text("coca_tiny")
+    gray = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(gray, "PNG")
+    job_id = submit_files(page, [{"name": "meadow.png", "mimeType": "image/png", "buffer": scene_png()},
+                                 {"name": "gray.png", "mimeType": "image/png", "buffer": gray.getvalue()}])
+    wait_succeeded(page)
+    page.wait_for_function(IMAGE_LOADED, arg="#grounding-img")
+    expect(page.locator(".downloads a", has_text="Grounding")).to_have_count(2)  # the csv and the figure
+    results = {r["id"]: r for r in map(json.loads, stack[1].get(f"/v1/jobs/{job_id}/results").text.splitlines())}
+    for name in ("meadow", "gray"):
+        card = page.locator(".image-card", has=page.locator("h3", has_text=name))
+        rows = card.locator(".ladder-row")
+        expect(rows).to_have_count(len(LAYERS))
+        for row, layer in zip(rows.all(), results[name]["layers"], strict=True):
+            mark = row.locator(".grounding-mark").inner_text()
+            assert mark.startswith(f"score {layer['image_score']:.2f}") and f"rank {layer['retrieval_rank']}/2" in mark
+            expect(row.locator(".prior-mark")).to_have_count(1 if layer["prior"] else 0)
+    assert all(layer["prior"] for layer in results["gray"]["layers"])
+
+
 def test_refused_upload_shows_the_servers_reason(page):
     page.goto("/")
     expect(page.locator("#model-info")).to_contain_text("coca_tiny")
