@@ -68,7 +68,7 @@ async def read_uploads(request: Request, settings: Settings, dest: Path) -> tupl
         if "Too many files" in str(e.detail):
             raise HTTPException(413, f"too many files: at most {settings.max_files} per job") from e
         raise
-    options = _parse_options(form.get("options"))
+    options = await _parse_options(form.get("options"))
     files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not files:
         raise FieldError(422, "no files: send one or more images or .tar shards as multipart field `files`", "files")
@@ -94,12 +94,17 @@ def _save(source: BinaryIO, path: Path) -> None:
         shutil.copyfileobj(source, out)
 
 
-def _parse_options(field: object) -> JobOptions:
+async def _parse_options(field: str | UploadFile | None) -> JobOptions:
+    """The `options` part, JSON text: a plain field (curl -F options=...), or a part with a file name, as a
+    browser sends a JSON Blob (/docs does)."""
     if field is None:
         return JobOptions()
-    if not isinstance(field, str):
-        raise FieldError(422, "bad options: `options` must be a JSON text field, not a file", "options")
-    return parse_json(JobOptions, field, "options")
+    text = field
+    if isinstance(field, UploadFile):
+        text = await field.read(OPTIONS_FIELD_BYTES + 1)
+        if len(text) > OPTIONS_FIELD_BYTES:
+            raise FieldError(413, f"options over {OPTIONS_FIELD_BYTES} bytes", "options")
+    return parse_json(JobOptions, text, "options")
 
 
 def parse_json(model: type[M], text: str | bytes, what: str) -> M:

@@ -57,7 +57,7 @@ _SUBMIT_BODY = {
                                   "description": "images (JPEG, PNG, WebP) and/or webdataset .tar shards, one "
                                                  "part each; the content decides, not the name"},
                         # A part of JSON text: the default encoding of an object property in a form.
-                        "options": {"$ref": "#/components/schemas/JobOptions"},
+                        "options": {"$ref": "#/components/schemas/JobOptions", "default": {}},
                     },
                 },
                 "encoding": {"files": {"contentType": INPUT_TYPES}, "options": {"contentType": "application/json"}},
