@@ -10,6 +10,20 @@ import sys
 from shared.log import setup_logging
 from shared.settings import get_settings
 
+DESCRIPTION = """\
+Read what each layer of a CoCa vision transformer knows, in plain words: caption every encoder
+layer's output with the model's own decoder, label the captions' phrases, chart the layers.
+
+  latent-verbalizer demo --out runs/demo                 offline, synthetic scenes, the demo model
+  latent-verbalizer verbalize photos/ --out runs/mine    your images (see --model / --pretrained)
+  latent-verbalizer categorize runs/mine/results.jsonl --out runs/mine/labels.json
+  latent-verbalizer analyze runs/mine/labels.json --out runs/mine/analysis
+  latent-verbalizer serve                                the HTTP service and its viewer
+
+The default model is the offline demo model, trained on synthetic coloured shapes only: for photos
+use e.g. --model coca_ViT-L-14 (weights mscoco_finetuned_laion2b_s13b_b90k, downloaded once).
+`latent-verbalizer COMMAND --help` tells each command's options."""
+
 # command -> module defining `add_arguments(parser)` and `run(args) -> int`
 COMMANDS: dict[str, tuple[str, str]] = {
     "verbalize": ("services.pipeline_cli", "caption every selected layer of images, dirs or .tar shards"),
@@ -27,7 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="latent-verbalizer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="latent-verbalizer", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     # Only the chosen command's module is imported, so `--help` and light commands stay fast.

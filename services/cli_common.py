@@ -3,43 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from pydantic import ValidationError
 
 from shared.models import LoadedModel, load_model
+from shared.pretrained import DEMO_NOTE, NO_WEIGHTS, RULE, resolve_pretrained
 from shared.schemas import DecodeParams
 from shared.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=s.model, help=f"open_clip CoCa architecture (default {s.model})")
+    g.add_argument("--model", default=s.model,
+                   help=f"open_clip CoCa architecture (default {s.model}: {DEMO_NOTE})")
     g.add_argument("--pretrained", default=s.pretrained,
                    help="open_clip tag, project tag or checkpoint file; 'none' for random weights"
-                        f" (default {s.pretrained})")
+                        f" ({'default ' + s.pretrained if s.pretrained else RULE})")
     g.add_argument("--device", default=s.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
     g.add_argument("--dtype", default=s.dtype, choices=["fp32", "bf16", "fp16"])
 
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:
-    pretrained = None if str(args.pretrained).lower() in ("", "none") else args.pretrained
+    pretrained = resolve_pretrained(args.model, args.pretrained)
+    log.info("weights", extra={"model": args.model, "pretrained": pretrained or NO_WEIGHTS,
+                               "chosen": "given" if args.pretrained is not None else "the model's default"})
     return load_model(args.model, pretrained, args.device, args.dtype, cache_dir=get_settings().model_cache)
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
-    d = DecodeParams()
+    d, fields = DecodeParams(), DecodeParams.model_fields
     g = p.add_argument_group("decoding (lengths count the start token, as in open_clip's generate)")
-    g.add_argument("--strategy", default=d.strategy, choices=["greedy", "sample", "beam"])
-    g.add_argument("--seq-len", type=int, default=d.seq_len)
-    g.add_argument("--min-seq-len", type=int, default=d.min_seq_len)
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--top-k", type=int, default=d.top_k)
-    g.add_argument("--top-p", type=float, default=d.top_p)
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-    g.add_argument("--num-beams", type=int, default=d.num_beams)
-    g.add_argument("--length-penalty", type=float, default=d.length_penalty)
-    g.add_argument("--seed", type=int, default=d.seed)
+
+    def flag(name: str, kind: type, **kw) -> None:
+        help_text = fields[name].description or name.replace("_", " ")
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name),
+                       help=f"{help_text} (default %(default)s)", **kw)
+
+    flag("strategy", str, choices=["greedy", "sample", "beam"])
+    flag("seq_len", int)
+    flag("min_seq_len", int)
+    flag("temperature", float)
+    flag("top_k", int)
+    flag("top_p", float)
+    flag("repetition_penalty", float)
+    flag("num_beams", int)
+    flag("length_penalty", float)
+    flag("seed", int)
 
 
 def decode_params_from_args(args: argparse.Namespace) -> DecodeParams:

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,8 +27,9 @@ from services.cli_common import (
 )
 from services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
 from services.pipeline import verbalize
-from shared.images import DEFAULT_MAX_PIXELS, iter_items
-from shared.models import ModelError
+from shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
+from shared.models import LoadedModel, ModelError
+from shared.schemas import DecodeParams
 from shared.settings import get_settings
 
 log = logging.getLogger("verbalize")
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = decode_params_from_args(args)
         layers = parse_layers(args.layers)
+        check_inputs(args.paths)
         items = iter_items(args.paths)
         if args.gallery < 2:
             raise ValueError(f"--gallery {args.gallery}: a gallery needs at least 2 images")
@@ -65,31 +68,53 @@ def run(args: argparse.Namespace) -> int:
     except (ModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    captions: dict[str, list[str]] = {}
-    n_ok = n_err = 0
-    t0 = time.perf_counter()
-    grounding = RunEmbeddings() if args.grounding else None
     try:
-        results = verbalize(lm, items, layers, params, args.batch_size, args.decode_batch,
-                            args.out / "features" if args.save_features else None, args.max_pixels, grounding)
-        with open(args.out / "results.jsonl", "w") as f:
-            for r in tqdm(results, unit="img", desc="verbalize", disable=None):
-                f.write(r.model_dump_json(exclude_none=True) + "\n")
-                if r.error:
-                    n_err += 1
-                    log.warning("image failed", extra={"id": r.id, "source": r.source, "reason": r.error})
-                    continue
-                n_ok += 1
-                for c in r.layers:
-                    captions.setdefault(f"layer_{c.layer}", []).append(c.caption)
+        n_ok, n_err = write_run(lm, items, args.out, layers, params, batch_size=args.batch_size,
+                                decode_batch=args.decode_batch, max_pixels=args.max_pixels,
+                                save_features=args.save_features, grounding=args.grounding, gallery=args.gallery)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    (args.out / "captions.json").write_text(json.dumps(captions, indent=1))
-    if grounding is not None and grounding.ids:
-        rewrite_with_ranks(args.out / "results.jsonl", grounding.ranks(args.gallery))
-        write_prior(args.out / "prior.json", grounding.null_captions)
-    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2),
-                            "out": str(args.out)})
     return 0 if n_ok or not n_err else 1
+
+
+def write_run(
+    lm: LoadedModel,
+    items: Iterable[ImageItem],
+    out: Path,
+    layers: list[int] | None = None,
+    params: DecodeParams = DecodeParams(),
+    *,
+    batch_size: int = 32,
+    decode_batch: int = 256,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    save_features: bool = False,
+    grounding: bool = True,
+    gallery: int = 1000,
+) -> tuple[int, int]:
+    """Verbalize `items` into `out` (results.jsonl, captions.json, prior.json with grounding); the
+    `verbalize` command and `demo` both write their runs with it. -> (images captioned, images failed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    captions: dict[str, list[str]] = {}
+    n_ok = n_err = 0
+    t0 = time.perf_counter()
+    embeddings = RunEmbeddings() if grounding else None
+    results = verbalize(lm, items, layers, params, batch_size, decode_batch,
+                        out / "features" if save_features else None, max_pixels, embeddings)
+    with open(out / "results.jsonl", "w") as f:
+        for r in tqdm(results, unit="img", desc="verbalize", disable=None):
+            f.write(r.model_dump_json(exclude_none=True) + "\n")
+            if r.error:
+                n_err += 1
+                log.warning("image failed", extra={"id": r.id, "source": r.source, "reason": r.error})
+                continue
+            n_ok += 1
+            for c in r.layers:
+                captions.setdefault(f"layer_{c.layer}", []).append(c.caption)
+    (out / "captions.json").write_text(json.dumps(captions, indent=1))
+    if embeddings is not None and embeddings.ids:
+        rewrite_with_ranks(out / "results.jsonl", embeddings.ranks(gallery))
+        write_prior(out / "prior.json", embeddings.null_captions)
+    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2),
+                            "out": str(out)})
+    return n_ok, n_err

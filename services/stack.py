@@ -146,7 +146,9 @@ def worker_threads() -> int:
 
 def _child_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(LV_MODEL=args.model, LV_PRETRAINED=str(args.pretrained), LV_DEVICE=args.device, LV_DTYPE=args.dtype)
+    env.update(LV_MODEL=args.model, LV_DEVICE=args.device, LV_DTYPE=args.dtype)
+    if args.pretrained is not None:  # else every child takes the model's default (shared.pretrained)
+        env.update(LV_PRETRAINED=args.pretrained)
     env.setdefault("OMP_NUM_THREADS", str(worker_threads()))  # torch's CPU threads per process
     if args.llm_url:
         env.update(LV_LLM_URL=args.llm_url, LV_CATEGORIZER_BACKEND="openai")

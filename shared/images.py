@@ -111,6 +111,17 @@ def _file_item(path: Path, item_id: str) -> ImageItem:
         return ImageItem(id=item_id, source=str(path), data=b"", error=f"cannot read file: {e}")
 
 
+def check_inputs(paths: Iterable[str | Path]) -> None:
+    """Fail before any work (model loading included) on a path that does not exist or a directory
+    that holds no image and no .tar shard; FileNotFoundError names it."""
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"input not found: {path}")
+        if path.is_dir() and not any(f.suffix.lower() in IMAGE_EXTS | {".tar"} for f in path.rglob("*") if f.is_file()):
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) or .tar shards in {path}")
+
+
 def iter_items(paths: Iterable[str | Path]) -> Iterator[ImageItem]:
     """Expand image files, directories (recursively, sorted) and .tar shards into items.
     Ids are unique within the run: a repeated id gets a -2, -3, ... suffix."""

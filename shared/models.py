@@ -12,9 +12,13 @@ Errors that a user can act on are raised as `ModelError` with a message that say
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -110,12 +114,15 @@ def load_model(
             " (use a coca_* architecture)"
         )
     checkpoint = _checkpoint_path(name, pretrained) if pretrained else None
+    hub_tag = bool(pretrained) and checkpoint is None
+    # Offline, the hub client would retry for minutes before failing: look once, then use only its cache.
+    offline = hub_tag and not _hub_reachable()
     torch_device = resolve_device(device)
     kwargs = dict(
         precision=_OPEN_CLIP_PRECISION[dtype], device=torch_device, cache_dir=str(cache_dir) if cache_dir else None
     )
     # Random weights come from a fixed seed, without disturbing the caller's RNG state.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _hub_cache_only(offline), _quiet_random_init(bool(checkpoint)):
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -124,11 +131,7 @@ def load_model(
             if not pretrained:
                 _init_vocab_projection(model)
         except RuntimeError as e:  # open_clip wraps download failures in RuntimeError
-            raise ModelError(
-                f"weights {name}/{pretrained} are not in the local cache and could not be downloaded"
-                f" ({e}). On an offline machine, copy the checkpoint file here and pass its path"
-                " as --pretrained, or set HF_HOME to a cache that holds it."
-            ) from e
+            raise ModelError(_not_cached(name, pretrained, offline, e)) from e
     if checkpoint:
         _load_checkpoint(model, checkpoint, name)
     model.eval().requires_grad_(False)
@@ -146,6 +149,61 @@ def load_model(
         pad_id=model.pad_id,
         tokenizer=tokenizer,
     )
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick look at the hub open_clip downloads from (False at once when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_cache_only(active: bool) -> Iterator[None]:
+    """While active, the hub client answers from its local cache only (as with HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or active
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _quiet_random_init(active: bool) -> Iterator[None]:
+    """open_clip warns that a model it built without weights is "initialized randomly"; when we load a
+    checkpoint right after, that warning is false, so drop it."""
+    drop = _DropRandomInitWarning()
+    if active:
+        logging.getLogger().addFilter(drop)  # open_clip logs it through the root logger
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+
+
+def _not_cached(name: str, pretrained: str, offline: bool, error: Exception) -> str:
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    repo, file = os.path.split(cfg.get("hf_hub", ""))  # "org/repo/" (default file) or "org/repo/file"
+    source = f"{file or 'open_clip_model.safetensors'} from https://huggingface.co/{repo}" if repo else cfg.get("url")
+    where = "the hub cannot be reached from here" if offline else f"downloading them failed ({error})"
+    return (f"weights {name}/{pretrained} are not in the local cache and {where}. On an offline machine, copy"
+            f" {source} to this machine and pass the file's path as --pretrained (or LV_PRETRAINED), or point"
+            " HF_HOME (or LV_MODEL_CACHE) at a hub cache that holds it.")
 
 
 def _init_vocab_projection(model: CoCa) -> None:

@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     # --- model (encoder and decoder stages) ---
     model: str = Field(DEMO_MODEL, description="open_clip CoCa architecture name")
     pretrained: str | None = Field(
-        DEMO_PRETRAINED, description="open_clip pretrained tag, project tag, or checkpoint file path"
+        None, description="open_clip pretrained tag, project tag, checkpoint file path, or 'none' (random weights);"
+                          " unset: the model's own default (shared.pretrained)"
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: str = Field("fp32", description="fp32 | bf16 | fp16")
@@ -50,12 +51,12 @@ class Settings(BaseSettings):
     llm_retries: int = Field(4, ge=0, description="retries on 429, 5xx, timeouts and connection errors")
     llm_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry")
     llm_max_tokens: int = Field(1024, ge=16, description="answer length limit per caption")
-    redis_url: str | None = Field(None, description="Redis (queue, job records, label cache); e.g. redis://redis:6379/0")
-    label_cache_ttl_s: int | None = Field(30 * 24 * 3600, description="label cache entry lifetime; None: forever")
-
     llm_structured: Literal["auto", "json_schema", "json_object", "none"] = Field(
         "auto", description="the server's structured-output dialect (docs/llm_servers.md); auto: found by the first"
                             " request")
+    redis_url: str | None = Field(None, description="Redis (queue, job records, label cache); e.g. redis://redis:6379/0")
+    label_cache_ttl_s: int | None = Field(30 * 24 * 3600, description="label cache entry lifetime; None: forever")
+
     # --- service: gateway, queue, workers (issue 5). redis_url above is shared: the service uses
     # redis://127.0.0.1:6379/0 when it is unset (shared.queue.redis_url); `serve` starts a private one. ---
     redis_prefix: str = Field("lv:", min_length=1, description="prefix of every Redis key and RQ queue name of"

@@ -18,14 +18,24 @@ captures the whole tower for it (`with_last`) and takes it from the same pooler 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
+from PIL import Image
 
 from shared.blocks import Block, cached
 from shared.images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, decode_image
 from shared.models import LoadedModel
+from shared.pretrained import DEMO_NOTE
 from shared.schemas import resolve_layers
+from shared.settings import DEMO_MODEL
+
+log = logging.getLogger(__name__)
+
+# Images larger than this (longest side, px) look like photos, not the demo model's 64-px scenes.
+PHOTO_SIDE = 128
 
 
 def load_pixels(
@@ -39,13 +49,26 @@ def load_pixels(
         try:
             if item.error:
                 raise ImageError(item.error)
-            tensors.append(lm.preprocess(decode_image(item.data, max_pixels)))
+            image = decode_image(item.data, max_pixels)
+            _note_photo_on_demo_model(lm, item, image)
+            tensors.append(lm.preprocess(image))
             good.append(item)
         except ImageError as e:
             errors[item.id] = str(e)
     if not tensors:
         return None, good, errors
     return torch.stack(tensors).to(lm.device, lm.dtype), good, errors
+
+
+_noted_photo = False
+
+
+def _note_photo_on_demo_model(lm: LoadedModel, item: ImageItem, image: Image.Image) -> None:
+    """Say once per process that the demo model is captioning what looks like a photo."""
+    global _noted_photo
+    if lm.name == DEMO_MODEL and max(image.size) > PHOTO_SIDE and not _noted_photo:
+        _noted_photo = True
+        log.warning(f"{item.id} ({image.width}x{image.height}) is captioned by {DEMO_NOTE}")
 
 
 def check_layers(visual: VisionTransformer, layers: list[int] | None) -> list[int]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import shared
 from services.gateway.schemas import ModelInfo
-from shared.settings import Settings
+from shared.pretrained import DEMO_NOTE, resolve_pretrained
+from shared.settings import DEMO_MODEL, Settings
 
 PROJECT_CONFIGS = Path(shared.__file__).parent / "model_configs"  # as shared.models.CONFIG_DIR
 
@@ -18,7 +19,8 @@ def describe_model(settings: Settings) -> ModelInfo:
     config = _config(settings.model)
     return ModelInfo(
         name=settings.model,
-        pretrained=settings.pretrained,
+        pretrained=resolve_pretrained(settings.model, settings.pretrained),
+        note=DEMO_NOTE if settings.model == DEMO_MODEL else None,
         layers=config["vision_cfg"]["layers"] if config else None,
         max_seq_len=config["text_cfg"].get("context_length", 77) if config else None,
     )

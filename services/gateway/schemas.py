@@ -139,7 +139,8 @@ class Deleted(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    pretrained: str | None
+    pretrained: str | None = Field(description="the weights the workers load (shared.pretrained's rule); null: random")
+    note: str | None = Field(None, description="what a user should know about this model (e.g. the demo model's scope)")
     layers: int | None = Field(description="vision blocks (captionable layers); null when the config is unknown")
     max_seq_len: int | None = Field(description="longest caption the text tower allows, start token included")
 

@@ -135,6 +135,7 @@ async function loadOptions() {
     clear(info).append(
       h("span", { class: "muted" }, "Model "), h("strong", {}, m.name),
       ` · ${weights} · ${m.layers ?? "?"} layers`);
+    if (m.note) info.append(h("span", { class: "model-note" }, ` · ${m.note}`));
     if (submitError.dataset.source === "options") hideSubmitError();
   } catch (e) {
     info.textContent = "Server options unavailable";
