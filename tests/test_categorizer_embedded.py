@@ -38,6 +38,10 @@ def labeler(tmp_path_factory) -> EmbeddedLabeler:
         ("red", "color"),
         ("a white road", "color"),  # a colour names the phrase
         ("in a white shirt", "clothing"),  # except for garments
+        ("a red machine", "color"),  # the reference names the colour first for most objects
+        ("a white car", "vehicle"),  # but the head first for vehicles, furniture, electronics, shapes
+        ("a large red circle", "shape"),
+        ("on a gray background", "color"),
         ("2 0 1 2", "numbers"),
         ("two small dogs", "animal"),  # the head noun, not its modifiers
         ("a small", "size"),
@@ -64,6 +68,7 @@ def test_labels_real_phrases(labeler, phrase, main):
 def test_secondary_labels_come_from_the_other_words(labeler):
     assert labeler.label_phrases(["a man"]) == [["person", "male"]]
     assert labeler.label_phrases(["two small dogs"]) == [["animal", "numbers", "size"]]
+    assert labeler.label_phrases(["a large red circle"]) == [["shape", "size", "color"]]
 
 
 @pytest.mark.parametrize(

@@ -53,13 +53,26 @@ def test_demo_model_captions_fixed_scenes(demo):
         assert score(caption, scene)["color_shape"], (scene.caption, caption)
 
 
-def test_demo_command_writes_results_and_report(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--n", "2"]) == 0
+def test_demo_command_writes_what_the_real_pipeline_makes_and_ends_with_the_layer_table(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--n", "3"]) == 0
+    for name in ("results.jsonl", "captions.json", "prior.json", "labels.json", "distribution.csv", "figure.png",
+                 "entropy.png", "grounding.csv", "grounding.png", "summary.json", "report.md", "report.json"):
+        assert (tmp_path / name).is_file(), name
     results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert len(results) == 2 and all(len(r["layers"]) == 6 for r in results)
+    assert len(results) == 3 and all(len(r["layers"]) == 6 for r in results)
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    assert [e["id"] for e in labels["layer_5"]] == [r["id"] for r in results]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["plotted"] and [g["layer"] for g in summary["grounding"]["layers"]] == list(range(6))
     report = json.loads((tmp_path / "report.json").read_text())
     assert [row["layer"] for row in report["layers"]] == list(range(6))
-    assert "ground truth" in (tmp_path / "report.md").read_text()
+    assert report["layers"][-1]["color_shape"] == 1.0  # the demo model reads every scene at its last layer
+    assert all(row["classes"] for row in report["layers"])
+    md = (tmp_path / "report.md").read_text()
+    assert "ground truth" in md and "](figure.png)" in md and "](grounding.png)" in md
+    table = capsys.readouterr().out.split("what each encoder layer's caption says")[1]
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 6  # header, one row per layer
+    assert str(tmp_path / "figure.png") in table
 
 
 def test_training_is_deterministic_with_or_without_loader_workers(tmp_path):

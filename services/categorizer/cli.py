@@ -34,7 +34,7 @@ from services.categorizer.files import (
 )
 from services.categorizer.reference import read_reference_labels
 from services.categorizer.report import write_report
-from services.categorizer.stage import categorize, categorize_phrases, make_labeler
+from services.categorizer.stage import categorize_layers, categorize_phrases, make_labeler
 from shared.grounding import grounding_outputs, read_references, read_results
 from shared.settings import get_settings
 
@@ -90,12 +90,8 @@ def _run_categorize(args: argparse.Namespace) -> int:
         failed = sum(not x for x in labels)
         log.info("phrases labelled", extra={"phrases": len(labels), "failed": failed, "out": str(args.out)})
         return _all_failed(failed, len(labels), "phrase", "see the warnings above")
-    # One call over all layers: identical captions (frequent in early layers) are labelled once.
-    flat = categorize([c for layer in source.captions.values() for c in layer], labeler)
-    labels, start = {}, 0
-    for layer, layer_captions in source.captions.items():
-        labels[layer] = flat[start : start + len(layer_captions)]
-        start += len(layer_captions)
+    labels = categorize_layers(source.captions, labeler)
+    flat = [c for layer in labels.values() for c in layer]
     write_labels(args.out, labels, source.ids, source.entropies)
     errors = Counter(c.error for c in flat if c.error is not None)
     log.info("captions labelled", extra={"captions": len(flat), "failed": errors.total(), "out": str(args.out)})

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from services.categorizer.models import CaptionLabels
@@ -29,6 +29,17 @@ def categorize(captions: Sequence[str], labeler: Labeler) -> list[CaptionLabels]
     unique = list(dict.fromkeys(captions))
     by_caption = dict(zip(unique, labeler.label_captions(unique), strict=True))
     return [by_caption[c] for c in captions]
+
+
+def categorize_layers(captions: Mapping[int, Sequence[str]], labeler: Labeler) -> dict[int, list[CaptionLabels]]:
+    """Label every layer's captions in one call: identical captions (frequent in early layers) across
+    layers are labelled once. layer -> captions  ->  layer -> their labels, in order."""
+    flat = categorize([c for layer in captions.values() for c in layer], labeler)
+    labels, start = {}, 0
+    for layer, layer_captions in captions.items():
+        labels[layer] = flat[start : start + len(layer_captions)]
+        start += len(layer_captions)
+    return labels
 
 
 def categorize_phrases(phrases: Sequence[str], labeler: Labeler) -> list[list[str]]:

@@ -1,10 +1,15 @@
-"""`latent-verbalizer demo --out DIR`: the offline main job.
+"""`latent-verbalizer demo --out DIR`: the offline main job, the whole mission on synthetic scenes.
 
 Generates a few synthetic scenes (DIR/images/, with manifest.jsonl), captions every encoder layer of
-each with the shipped demo model (or --model/--pretrained), and writes
-  DIR/results.jsonl  one ImageResult per image (every layer's caption, tokens, entropy)
-  DIR/report.json    per layer: shares of captions with the right colours / shapes / objects, entropy
-  DIR/report.md      the same table, then every image's ground truth and caption at each layer
+each with the shipped demo model (or --model/--pretrained), labels the captions' phrases with the
+embedded labeler and charts the layers, writing what the real pipeline writes:
+  DIR/results.jsonl      one ImageResult per image (every layer's caption, tokens, entropy, grounding)
+  DIR/captions.json      captions per layer;  DIR/prior.json  the gray image's caption per layer
+  DIR/labels.json        every caption's phrases and labels (embedded labeler)
+  DIR/distribution.csv   per layer, the mean percentage of each class;  DIR/figure.png  its stacked areas
+  DIR/entropy.png, DIR/grounding.csv, DIR/grounding.png, DIR/summary.json
+  DIR/report.md|json     per layer: classes, entropy, grounding and accuracy against the scenes' truth,
+                         then every image's ground truth and caption at each layer
 No network is needed: the scenes are drawn locally and the weights ship with the package.
 """
 
@@ -15,15 +20,21 @@ import json
 import sys
 from pathlib import Path
 
+from services.categorizer.analysis import Analysis, analyze
+from services.categorizer.files import write_labels
+from services.categorizer.report import write_report
+from services.categorizer.stage import categorize_layers, make_labeler
 from services.cli_common import add_model_args, model_from_args
 from services.demo.evaluate import layer_shares
-from services.demo.synth import Scene, read_manifest, write_dataset
-from services.pipeline import verbalize
+from services.demo.synth import MANIFEST, Scene, read_manifest, write_dataset
+from services.pipeline_cli import write_run
+from shared.grounding import grounding_outputs, read_references, read_results
 from shared.images import iter_items
 from shared.models import ModelError
 from shared.schemas import ImageResult
 
 DEMO_SEED = 7  # not a training seed (0, 1)
+TOP_CLASSES = 3  # dominant classes shown per layer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,28 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=8, help="number of sample scenes")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help="scene seed")
     add_model_args(p)
-
-
-def _table(rows: list[dict]) -> list[str]:
-    lines = ["| layer | colours right | shapes right | colour+shape right | mean entropy (bits) |",
-             "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['layer']} | {r['color']:.0%} | {r['shape']:.0%} | {r['color_shape']:.0%} |"
-              f" {r['mean_entropy']:.2f} |" for r in rows]
-    return lines
-
-
-def write_report(out: Path, results: list[ImageResult], truth: dict[str, Scene], model: str) -> list[dict]:
-    rows = layer_shares(results, truth)
-    (out / "report.json").write_text(json.dumps({"model": model, "images": len(results), "layers": rows},
-                                                indent=1))
-    md = [f"# Per-layer captions: {model}, {len(results)} synthetic scenes", "",
-          "Share of captions that name the right colours, the right shapes, and the right colour+shape",
-          "objects (nothing missing, nothing extra), per vision encoder layer.", "", *_table(rows)]
-    for r in results:
-        md += ["", f"## {r.id}", "", f"ground truth: *{truth[r.id].caption}*", ""]
-        md += [f"- layer {c.layer}: {c.caption}" for c in r.layers or []] or [f"- error: {r.error}"]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,13 +53,79 @@ def run(args: argparse.Namespace) -> int:
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = list(verbalize(lm, iter_items([images])))
-    with (args.out / "results.jsonl").open("w") as f:
-        f.writelines(r.model_dump_json(exclude_none=True) + "\n" for r in results)
-    rows = write_report(args.out, results, truth, f"{lm.name}/{lm.pretrained}")
-    print("\n".join(_table(rows)))
+    write_run(lm, iter_items([images]), args.out)
+    results = read_results(args.out / "results.jsonl")
+
+    captioned = [r for r in results if r.layers]
+    ids = {c.layer: [r.id for r in captioned] for c in captioned[0].layers} if captioned else {}
+    captions = {layer: [c.caption for r in captioned for c in r.layers if c.layer == layer] for layer in ids}
+    entropies = {layer: [c.mean_entropy for r in captioned for c in r.layers if c.layer == layer] for layer in ids}
+    labels = categorize_layers(captions, make_labeler("embedded"))
+    write_labels(args.out / "labels.json", labels, ids, entropies)
+
+    analysis = analyze(labels, entropies)
+    grounding, _ = grounding_outputs(results, args.out, read_references(images / MANIFEST))
+    model = f"{lm.name}/{lm.pretrained}"
+    write_report(analysis, args.out, {"model": model, "images": len(results),
+                                      **({"grounding": grounding} if grounding else {})})
+    rows = layer_rows(analysis, grounding, layer_shares(results, truth))
+    write_demo_report(args.out, rows, results, truth, model)
+
     for r in results:
         last = r.layers[-1].caption if r.layers else f"error: {r.error}"
-        print(f"\n{r.id}\n  truth:      {truth[r.id].caption}\n  last layer: {last}")
-    print(f"\nwrote {args.out}/results.jsonl, report.md, report.json")
+        print(f"{r.id}\n  truth:      {truth[r.id].caption}\n  last layer: {last}")
+    print(f"\n{model}, {len(results)} synthetic scenes: what each encoder layer's caption says\n")
+    print("\n".join(_table(rows)))
+    print(f"\nfigure (classes per layer): {args.out / 'figure.png'}\n"
+          f"grounding curves: {args.out / 'grounding.png'}   report: {args.out / 'report.md'}")
     return 0
+
+
+def layer_rows(analysis: Analysis, grounding: dict | None, accuracy: list[dict]) -> list[dict]:
+    """One row per layer: its dominant classes, mean entropy, grounding and accuracy against the truth."""
+    by_layer = {g["layer"]: g for g in (grounding or {}).get("layers", [])}
+    rows = []
+    for i, (layer, shares) in enumerate(zip(analysis.layers, accuracy, strict=True)):
+        ranked = sorted(zip(analysis.classes, analysis.percent[i]), key=lambda kv: -kv[1])
+        g = by_layer.get(layer, {})
+        rows.append({
+            "layer": layer,
+            "classes": {name: round(pct, 1) for name, pct in ranked[:TOP_CLASSES] if pct > 0},
+            "mean_entropy": shares["mean_entropy"],
+            "color_shape": shares["color_shape"],
+            **{k: g.get(k) for k in ("image_score", "retrieval_r1", "prior_share", "ref_cider")},
+        })
+    return rows
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| layer | dominant classes (% of phrases) | mean entropy (bits) | colour+shape right |"
+             " image score | R@1 | prior | CIDEr-D |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        classes = ", ".join(f"{name} {pct:.0f}" for name, pct in r["classes"].items()) or "(no labels)"
+        lines.append(f"| {r['layer']} | {classes} | {r['mean_entropy']:.2f} | {r['color_shape']:.0%} |"
+                     f" {_num(r['image_score'], '.3f')} | {_num(r['retrieval_r1'], '.0%')} |"
+                     f" {_num(r['prior_share'], '.0%')} | {_num(r['ref_cider'], '.2f')} |")
+    return lines
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_demo_report(out: Path, rows: list[dict], results: list[ImageResult], truth: dict[str, Scene],
+                      model: str) -> None:
+    (out / "report.json").write_text(json.dumps({"model": model, "images": len(results), "layers": rows}, indent=1))
+    md = [f"# Per-layer captions: {model}, {len(results)} synthetic scenes", "",
+          "Per vision encoder layer: the classes of the captions' phrases (embedded labeler, main label),",
+          "mean entropy, grounding (image score: the model's own text-image cosine; R@1: share of captions",
+          "whose own scene scores best among the scenes; prior: share equal to a gray image's caption;",
+          "CIDEr-D against the true caption) and the share of captions naming every object's colour and shape",
+          "right.", "", *_table(rows), "",
+          "![classes per layer](figure.png)", "", "![grounding per layer](grounding.png)", "",
+          "![entropy per layer](entropy.png)"]
+    for r in results:
+        md += ["", f"## {r.id}", "", f"ground truth: *{truth[r.id].caption}*", ""]
+        md += [f"- layer {c.layer}: {c.caption}" for c in r.layers or []] or [f"- error: {r.error}"]
+    (out / "report.md").write_text("\n".join(md) + "\n")
