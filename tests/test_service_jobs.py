@@ -38,8 +38,10 @@ LAYERS = [0, 1, 2, 3]
 
 
 def slow(beams: int) -> dict:
-    """Options that keep coca_tiny's decoder busy: the longest captions, in beams (32: about 3 s an image)."""
-    return {"categorize": False, "decode": {"strategy": "beam", "num_beams": beams, "seq_len": 32, "min_seq_len": 31}}
+    """Options that keep coca_tiny's decoder busy: the longest captions, in beams (32: about 3 s an image), and
+    nothing else (grounding off: it also decodes a flat gray image's captions per chunk)."""
+    return {"categorize": False, "grounding": False,
+            "decode": {"strategy": "beam", "num_beams": beams, "seq_len": 32, "min_seq_len": 31}}
 
 
 @dataclass
