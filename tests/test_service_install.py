@@ -33,11 +33,11 @@ def readme_service_commands() -> list[str]:
 
 
 def test_readme_service_commands_run_as_written(tmp_path):
-    serve, submit, status, results = readme_service_commands()
+    serve, submit, status, results, cancel, delete = readme_service_commands()
     port = str(free_port())
     assert serve.startswith(".venv/bin/latent-verbalizer serve") and f"--port {README_PORT}" in serve
     assert all(f"http://127.0.0.1:{README_PORT}/" in c for c in (submit, status, results))
-    assert "img.jpg" in submit and "<id>" in status and "<id>" in results
+    assert "img.jpg" in submit and all("<id>" in c for c in (status, results, cancel, delete))
 
     # A user's shell: no LV_* settings (no Redis given: serve starts its own), in a folder holding img.jpg.
     env = {k: v for k, v in service_env("", tmp_path).items() if not k.startswith("LV_")}
@@ -78,6 +78,10 @@ def test_readme_service_commands_run_as_written(tmp_path):
         assert line["id"] == "img" and [c["layer"] for c in line["layers"]] == job["options"]["layers"]
         assert all(c["caption"] and c["phrases"] for c in line["layers"]), line
         assert DEMO_MODEL in httpx.get(f"http://127.0.0.1:{port}/v1/options").json()["model"]["name"]
+        # The job has ended: nothing to cancel (409, the reason); deleting it removes it.
+        assert "detail" in json.loads(sh(cancel.replace("<id>", job_id)))
+        assert json.loads(sh(delete.replace("<id>", job_id))) == {"id": job_id, "status": "deleted"}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/jobs/{job_id}").status_code == 404
     finally:
         proc.terminate()
         proc.wait(60)
