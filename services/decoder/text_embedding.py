@@ -14,7 +14,14 @@ also treats as an end; a caption cut at the length limit ended with the forced e
 So, per row with its end at position e (ids[e]): positions 0..e-1 are in the caches when the row
 finishes; `embed` feeds e and e+1 (the first pad: a seen key in the legacy layout when the end is
 not 0), then the cls token at C with the mask above. Positions past e+1 hold pad ids, never seen
-keys, so they are never computed. Shapes: B rows, P = S+1 key slots (S = seq_len <= C), H heads,
+keys, so they are never computed.
+
+Rows leave the decoding batch as they finish, so their text-tower states are copied aside
+(`TextStates.keep`) and every row is finished in one batched call at the end. The alternative, each
+group of rows finishing at one step embedded right then, was measured slower: coca_ViT-B-32, 96 rows
+ending at 24 different steps, 1 CPU thread (a busy 2-core machine): copy 70 ms + batched 650 ms
+against 3990 ms in groups (small groups stream the text tower's weights once per group and step).
+Shapes: B rows, P = S+1 key slots (S = seq_len <= C), H heads,
 Dh head dim, D width, E embedding dim.
 """
 
