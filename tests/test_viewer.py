@@ -379,7 +379,9 @@ def test_dropped_shard_is_captioned_with_thumbnails_from_the_shard(page):
     expect(page.locator(".image-card h3")).to_have_text(["cat", "dog"])
     expect(page.locator(".image-card").first.locator(".ladder-row")).to_have_count(len(LAYERS))
     for n in (1, 2):
-        page.wait_for_function(IMAGE_LOADED, arg=f".image-card:nth-child({n}) img.thumb")
+        thumb = f".image-card:nth-child({n}) img.thumb"
+        page.locator(thumb).scroll_into_view_if_needed()  # thumbnails load lazily, as they come into view
+        page.wait_for_function(IMAGE_LOADED, arg=thumb)
 
 
 def test_cancel_a_running_job(page):
