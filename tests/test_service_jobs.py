@@ -195,9 +195,10 @@ def test_one_corrupt_image(stack):
 def test_cancel(stack):
     api, client = stack.api, stack.redis
     files = [("files", (f"{n}.png", image_bytes(10 + n))) for n in range(3)]
-    job_id = submit(api, files, slow(beams=8))
+    job_id = submit(api, files, slow(beams=32))  # ~3 s an image: on a quiet machine 8 beams ended before the cancel
     wait_job(api, job_id, until=("running",))
-    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    cancelled = api.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
     assert api.get(f"/v1/jobs/{job_id}/results").status_code == 409
     _wait_idle(client, job_id)
     job = api.get(f"/v1/jobs/{job_id}").json()
