@@ -29,11 +29,11 @@ MODEL = "smollm2-135m"  # the name the server answers to (--model_alias)
 START_TIMEOUT_S = 120
 # Made-up captions in the shapes layer captions take: word salad, colours and objects, full scenes.
 CAPTIONS = {
-    0: ["red red gold red red", "blue green blue kabro", "summer swing summer red", "stripes stripes white",
-        "gold and and gold", "dark dark brown dark", "green grass green grass", "pink pink sky pink"],
+    0: ["teal teal copper teal", "blue green blue vornak", "winter lamp winter teal", "dots dots white",
+        "copper and and copper", "dark dark brown dark", "green moss green moss", "pink pink cloud pink"],
     1: ["a red door with a lock", "a blue car on a road", "two small dogs in snow", "a white bowl of fruit",
         "a wooden table and chairs", "a man with a hat", "a tall green tree", "a cat on a sofa"],
-    2: ["a man rides a motorcycle along a dirt road", "a woman holding an umbrella next to a red bus",
+    2: ["a man pushes a bicycle up a gravel hill", "a woman holding an umbrella next to a red bus",
         "two children playing football in a park", "a plate of pasta on a kitchen table",
         "a train crossing a bridge at night", "a dog catching a frisbee on the beach",
         "three people walking down a busy street", "a bird sitting on a branch in the rain"],
