@@ -9,6 +9,11 @@ the residual stream x_i after EVERY block i. Shapes, for N images of T = 1 + gri
 
 Everything runs in ONE forward pass; the pooler runs as one batched call over layers x images.
 
+A region (services.encoder.regions) restricts the pooler's keys to the patches inside it: the same
+blocks' hidden states, pooled once more per region (`pool_regions`, a key mask [N, R, T]). Word ->
+patch attributions (services.decoder.attribution) compose the decoder's cross-attention with the
+pooler's attention weights, which `pool_regions(..., weights=True)` returns.
+
 Grounding also wants the contrastive image embedding, exactly `model.encode_image` (unnormalised):
 the pooled token 0 of the tower's LAST block, after ln_post, times visual.proj. `encode_grounded`
 captures the whole tower for it (`with_last`) and takes it from the same pooler call:
@@ -42,8 +47,8 @@ def load_pixels(
     lm: LoadedModel, items: list[ImageItem], max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[torch.Tensor | None, list[ImageItem], dict[str, str]]:
     """Decode and preprocess (the model's own transform) every item that is a usable image.
-    -> pixels [n, 3, H, W] on the model's device and dtype (None if n == 0), the n good items,
-    and {item id: reason} for the others."""
+    -> pixels [n, 3, H, W] on the model's device and dtype (None if n == 0), the n good items (each
+    with its `size`), and {item id: reason} for the others."""
     good, tensors, errors = [], [], {}
     for item in items:
         try:
@@ -52,6 +57,7 @@ def load_pixels(
             image = decode_image(item.data, max_pixels)
             _note_photo_on_demo_model(lm, item, image)
             tensors.append(lm.preprocess(image))
+            item.size = image.size
             good.append(item)
         except ImageError as e:
             errors[item.id] = str(e)
@@ -106,7 +112,7 @@ def pool_layers(visual: VisionTransformer, hidden: torch.Tensor) -> torch.Tensor
     """The model's own attentional pooler + ln_post applied to every layer at once.
     hidden [L, N, T, C] -> latents [L, N, Q-1, D] (the first pooled token, the contrastive
     embedding, is dropped as in `CoCa._encode_image`)."""
-    return _latents(visual, _pool(visual, hidden))
+    return _latents(visual, _pool(visual, hidden)[0][:, :, 0])
 
 
 def _latents(visual: VisionTransformer, pooled: torch.Tensor) -> torch.Tensor:
@@ -116,12 +122,21 @@ def _latents(visual: VisionTransformer, pooled: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(L, N, tokens.shape[1], D)
 
 
-def _pool(visual: VisionTransformer, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [L, N, T, C] -> every pooled token after ln_post [L, N, Q, D]."""
+def _pool(
+    visual: VisionTransformer, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, weights: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hidden [L, N, T, C] -> every pooled token after ln_post [L, N, R, Q, D], and with `weights` the
+    pooler's attention of each query over the T tokens, averaged over its heads [L, N, R, Q, T].
+
+    key_mask [N, R, T] bool (True: the key is seen) pools each image R times, region r's queries
+    seeing only its keys (services.encoder.regions); None: R = 1, every key seen. A region is just
+    Q more queries, so the keys and values are projected once whatever R. `weights` computes the
+    softmax explicitly (the fused kernel does not return it): the same values up to rounding."""
     pool = visual.attn_pool
     if pool is None or visual.attn_pool_contrastive is not None:
         raise ValueError("vision tower has no CoCa attentional pooler (attn_pool) to read layers through")
     L, N, T, C = hidden.shape
+    R = 1 if key_mask is None else key_mask.shape[1]
     mha = pool.attn
     D, H = mha.embed_dim, mha.num_heads
     if mha._qkv_same_embed_dim:
@@ -138,9 +153,38 @@ def _pool(visual: VisionTransformer, hidden: torch.Tensor) -> torch.Tensor:
     x = pool.ln_k(hidden.reshape(L * N, T, C))
     k = F.linear(x, w_k, b_k).view(L * N, T, H, D // H).transpose(1, 2)
     v = F.linear(x, w_v, b_v).view(L * N, T, H, D // H).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.expand(L * N, -1, -1, -1), k, v)  # [L*N, H, Q, D/H]
-    out = mha.out_proj(out.transpose(1, 2).reshape(L * N, Q, D))  # [L*N, Q, D]
-    return visual.ln_post(out).reshape(L, N, Q, D)
+    attention = None
+    if key_mask is None and not weights:
+        out = F.scaled_dot_product_attention(q.expand(L * N, -1, -1, -1), k, v)  # [L*N, H, Q, D/H]
+    else:
+        # Region r's queries are rows r*Q .. r*Q+Q-1.                     q [1, 1, H, R*Q, D/H]
+        q = q.repeat(1, 1, R, 1)[None]
+        k, v = k.view(L, N, H, T, D // H), v.view(L, N, H, T, D // H)
+        mask = None if key_mask is None else key_mask.repeat_interleave(Q, dim=1)[None, :, None]  # [1, N, 1, R*Q, T]
+        if weights:
+            scores = q @ k.transpose(-1, -2) * (D // H) ** -0.5  # [L, N, H, R*Q, T]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            out = p @ v  # [L, N, H, R*Q, D/H]
+            attention = p.float().mean(2).view(L, N, R, Q, T)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [L, N, H, R*Q, D/H]
+    out = mha.out_proj(out.transpose(-3, -2).reshape(L * N, R * Q, D))  # [L*N, R*Q, D]
+    return visual.ln_post(out).reshape(L, N, R, Q, D), attention
+
+
+@torch.inference_mode()
+def pool_regions(
+    visual: VisionTransformer, hidden: torch.Tensor, key_mask: torch.Tensor | None, weights: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hidden [L, N, T, C], key_mask [N, R, T] (None: the whole image, R = 1) -> the decoder's tokens
+    of every region [L, N, R, Q-1, D] and, with `weights`, the pooler's attention of those Q-1 queries
+    over the T tokens, heads averaged [L, N, R, Q-1, T] (what word -> patch attributions compose with)."""
+    pooled, attention = _pool(visual, hidden, key_mask, weights)
+    L, N, R, Q, D = pooled.shape
+    latents = _latents(visual, pooled.reshape(L, N * R, Q, D)).reshape(L, N, R, -1, D)
+    return latents, None if attention is None else attention[:, :, :, Q - latents.shape[3] :]
 
 
 @torch.inference_mode()
@@ -163,7 +207,7 @@ def pool_grounded(
     """hidden [L', N, T, C] captured for `with_last(visual, layers)` -> (latents [L, N, Q-1, D] of the
     selected layers, contrastive image embeddings [N, E]: the last block's pooled token 0 @ visual.proj,
     what `model.encode_image(pixels, normalize=False)` gives)."""
-    pooled = _pool(visual, hidden)  # [L', N, Q, D]
+    pooled = _pool(visual, hidden)[0][:, :, 0]  # [L', N, Q, D]
     last = with_last(visual, layers).index(len(visual.transformer.resblocks) - 1)
     embedding, _ = visual._global_pool(pooled[last])  # [N, D]
     return _latents(visual, pooled[: len(layers)]), embedding @ visual.proj  # [N, E]
