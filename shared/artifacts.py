@@ -4,10 +4,14 @@ and images travel between stages through it, never through Redis.
     jobs/<id>/inputs/chunk-00000.tar            a chunk's images as submitted (ids, sources, bytes)
     jobs/<id>/latents/chunk-00000.safetensors   encoder output: fp16 [L, n, Q-1, D] + the chunk's items
     jobs/<id>/image_embeddings/chunk-00000.safetensors   encoder output with grounding: fp16 [n, E]
+    jobs/<id>/region_latents/chunk-00000.safetensors     encoder output with regions: fp16 [L, n, R, Q-1, D]
+    jobs/<id>/pool_attention/chunk-00000.safetensors     encoder output with attributions: fp16 [L, n, 1+R, Q-1, T]
     jobs/<id>/grounding/chunk-00000.safetensors decoder output with grounding: image [n, E], text [n, L, E]
     jobs/<id>/captions/chunk-00000.jsonl        decoder output: one ImageResult line per image
     jobs/<id>/labels/chunk-00000.jsonl          categorizer output: the same lines with phrases
     jobs/<id>/results.jsonl, summary.json, figure.png, entropy.png, distribution.csv    job outputs
+    jobs/<id>/attributions/<image id>.safetensors   job output with attributions (shared.attributions),
+                                                    written by the decoder task of the image's chunk
 
 Every write goes to a temporary file renamed into place: a reader sees a whole file or none, and a
 retried task replaces its earlier output instead of adding to it.
@@ -30,7 +34,8 @@ from shared.images import ImageItem
 if TYPE_CHECKING:  # torch is imported only by the workers that handle tensors
     import torch
 
-INTERMEDIATE = ("uploads", "inputs", "latents", "image_embeddings", "grounding", "captions", "labels")
+INTERMEDIATE = ("uploads", "inputs", "latents", "image_embeddings", "region_latents", "pool_attention", "grounding",
+                "captions", "labels")
 
 
 class ArtifactStore:
@@ -43,6 +48,10 @@ class ArtifactStore:
     def output(self, job_id: str, name: str) -> Path:
         """A job output file (results.jsonl, summary.json, figure.png, ...)."""
         return self.job_dir(job_id) / name
+
+    def attributions(self, job_id: str) -> Path:
+        """The directory of a job's word -> patch attribution files (one per image)."""
+        return self.job_dir(job_id) / "attributions"
 
     def scratch(self, job_id: str) -> Path:
         """Where the gateway unpacks a job's uploads while it splits them into chunks."""
@@ -59,7 +68,7 @@ class ArtifactStore:
             _add(tar, "items.json", json.dumps(index).encode())
             for n, item in enumerate(items):
                 _add(tar, f"data/{n}", item.data)
-        _write_atomic(self._chunk(job_id, "inputs", chunk, ".tar"), buf.getvalue())
+        write_atomic(self._chunk(job_id, "inputs", chunk, ".tar"), buf.getvalue())
 
     def read_inputs(self, job_id: str, chunk: int) -> list[ImageItem]:
         with tarfile.open(self._chunk(job_id, "inputs", chunk, ".tar")) as tar:
@@ -72,8 +81,8 @@ class ArtifactStore:
         from safetensors.torch import save
 
         tensors = {} if latents is None else {"latents": latents.detach().to("cpu").half().contiguous()}
-        _write_atomic(self._chunk(job_id, "latents", chunk, ".safetensors"),
-                      save(tensors, metadata={"info": json.dumps(info)}))
+        write_atomic(self._chunk(job_id, "latents", chunk, ".safetensors"),
+                     save(tensors, metadata={"info": json.dumps(info)}))
 
     def read_latents(self, job_id: str, chunk: int) -> tuple[torch.Tensor | None, dict]:
         from safetensors import safe_open
@@ -83,14 +92,14 @@ class ArtifactStore:
             latents = f.get_tensor("latents") if "latents" in f.keys() else None
         return latents, info
 
-    # --- other per-chunk tensors (kind: image_embeddings | grounding): fp16, with a JSON info ---
+    # --- other per-chunk tensors (image_embeddings | region_latents | pool_attention | grounding): fp16 + JSON info ---
 
     def write_tensors(self, job_id: str, kind: str, chunk: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
         from safetensors.torch import save
 
         tensors = {k: v.detach().to("cpu").half().contiguous() for k, v in tensors.items()}
-        _write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"),
-                      save(tensors, metadata={"info": json.dumps(info)}))
+        write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"),
+                     save(tensors, metadata={"info": json.dumps(info)}))
 
     def read_tensors(self, job_id: str, kind: str, chunk: int) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import safe_open
@@ -101,7 +110,7 @@ class ArtifactStore:
     # --- per-chunk JSON lines (kind: captions | labels) ---
 
     def write_lines(self, job_id: str, kind: str, chunk: int, lines: Iterable[str]) -> None:
-        _write_atomic(self._chunk(job_id, kind, chunk, ".jsonl"), "".join(f"{line}\n" for line in lines).encode())
+        write_atomic(self._chunk(job_id, kind, chunk, ".jsonl"), "".join(f"{line}\n" for line in lines).encode())
 
     def read_lines(self, job_id: str, kind: str, chunk: int) -> list[str]:
         return self._chunk(job_id, kind, chunk, ".jsonl").read_text().splitlines()
@@ -166,7 +175,7 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     tmp.write_bytes(data)

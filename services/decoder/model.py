@@ -78,15 +78,18 @@ class _ImageAttention:
         )
 
 
-def _cross_attention(block: Block, image: _ImageAttention, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """x [B, 1, D] attends to the image tokens, given as their normalisation keys [B, N, D]."""
+def _cross_attention(
+    block: Block, image: _ImageAttention, x: torch.Tensor, keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, 1, D] attends to the image tokens, given as their normalisation keys [B, N, D].
+    -> (the block's output [B, 1, D], its attention weights over the image tokens [B, H, N])."""
     B = x.shape[0]
     q = block.attn_in(block.ln_1(x)).view(B, block.heads, -1).transpose(0, 1)  # [H, B, Dh]
     q = torch.bmm(q, image.w_k).transpose(0, 1)  # [B, H, D]
     p = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # [B, H, N] (bf16/fp16: summed in fp32)
     mixed = torch.bmm(p, keys).transpose(0, 1)  # [H, B, D]  sum_j p_j n(x_j)
     attended = torch.baddbmm(image.b_v, mixed, image.w_v)  # [H, B, Dh]
-    return block.attention_out(x, attended.transpose(0, 1)[:, :, None])  # attended as [B, H, 1, Dh]
+    return block.attention_out(x, attended.transpose(0, 1)[:, :, None]), p  # attended as [B, H, 1, Dh]
 
 
 class TextDecoder:
@@ -134,15 +137,24 @@ class TextDecoder:
             for b in blocks
         ]
 
-    def step(self, tokens: torch.Tensor, pos: int, caches: list[KVCache], image_keys: torch.Tensor) -> torch.Tensor:
-        """tokens [B] at position `pos`, image_keys [B, N, D] -> next-token logits [B, V] (float32)."""
+    def step(
+        self, tokens: torch.Tensor, pos: int, caches: list[KVCache], image_keys: torch.Tensor,
+        attention: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens [B] at position `pos`, image_keys [B, N, D] -> next-token logits [B, V] (float32).
+        `attention` [B, N] float32, when given, receives this step's cross-attention over the image tokens,
+        the mean over every decoder layer and head (why that mean: services.decoder.attribution)."""
         n_text = len(self.text_blocks)
         x = self.text.token_embedding(tokens)[:, None].to(self.dtype)  # [B, 1, D]
         x = x + self.text.positional_embedding[pos].to(self.dtype)
         for block, cache in zip(self.text_blocks, caches[:n_text]):
             x = _self_attention(block, x, cache, pos)
+        if attention is not None:
+            attention.zero_()
         # CoCa feeds the text tower's states to the decoder without ln_final.
         layers = zip(self.self_blocks, self.cross_blocks, self.image_attn, caches[n_text:])
         for block, xblock, image, cache in layers:
-            x = _cross_attention(xblock, image, _self_attention(block, x, cache, pos), image_keys)
+            x, p = _cross_attention(xblock, image, _self_attention(block, x, cache, pos), image_keys)  # p [B, H, N]
+            if attention is not None:
+                attention += p.float().mean(1) / len(self.cross_blocks)
         return self.vocab(self.decoder.ln_final(x[:, 0])).float()  # [B, V]

@@ -15,7 +15,10 @@ the model's raw logits at every generated step (end token included), and their m
 also its contrastive text embedding (services.decoder.text_embedding): greedy and sampled rows get it
 from their own text-tower caches, copied aside when the row leaves the batch and finished with one
 batched step for all rows at the end; beam captions are recomputed from their final tokens through
-the same cached steps.
+the same cached steps. With `attention`, also each generated step's cross-attention over the image
+tokens (mean over decoder layers and heads, `TextDecoder.step`), for word -> patch attributions
+(services.decoder.attribution): greedy and sampled rows record it as they decode, beam search keeps it
+with each beam like the entropies. Without it the steps compute exactly what they compute otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Decoded:
     tokens: list[int]
     entropy: list[float]
     text_embedding: torch.Tensor | None = None  # [E] float32, not normalised (with `embed`)
+    cross_attention: torch.Tensor | None = None  # [steps, N] float32, indexed like entropy (with `attention`)
 
     @property
     def mean_entropy(self) -> float:
@@ -52,10 +56,11 @@ def decode(
     row_keys: torch.Tensor | None = None,
     batch_rows: int = 256,
     embed_text: bool = False,
+    attention: bool = False,
 ) -> list[Decoded]:
     """latents [R, N, D] -> R captions. `row_keys` [R] (int64) identify rows for seeded sampling
     (default: the row index); give the same key to get the same sampled caption in any batch.
-    `embed_text`: also each caption's text embedding."""
+    `embed_text`: also each caption's text embedding; `attention`: each step's cross-attention."""
     decoder = TextDecoder.of(lm.model)
     if params.seq_len > decoder.max_len:
         raise ValueError(f"seq_len {params.seq_len} exceeds the text tower's {decoder.max_len} positions")
@@ -67,11 +72,13 @@ def decode(
         rows = latents[start : start + batch_rows].to(lm.device, decoder.dtype)
         keys = row_keys[start : start + batch_rows].to(lm.device)
         if params.strategy == "beam":
-            tokens, entropy = beam.search(decoder, lm, rows, params)
+            tokens, entropy, attended = beam.search(decoder, lm, rows, params, attention)
             embeddings = _recompute(decoder, lm, tokens, params.seq_len) if embed_text else None
         else:
-            tokens, entropy, embeddings = _decode_batch(decoder, lm, rows, params, keys, embed_text)
-        out += [Decoded(lm.tokenizer.decode(t).strip(), t, e, None if embeddings is None else embeddings[i])
+            tokens, entropy, embeddings, attended = _decode_batch(decoder, lm, rows, params, keys, embed_text,
+                                                                  attention)
+        out += [Decoded(lm.tokenizer.decode(t).strip(), t, e, None if embeddings is None else embeddings[i],
+                        None if attended is None else attended[i])
                 for i, (t, e) in enumerate(zip(tokens, entropy))]
     return out
 
@@ -99,12 +106,25 @@ def caption_layers(
     params: DecodeParams = DecodeParams(),
     batch_rows: int = 256,
 ) -> list[list[LayerCaption]]:
-    """latents [L, n, N, D] from the encoder stage -> per image, its caption at every layer.
-    All n x L rows are decoded together (image-major)."""
+    """latents [L, n, N, D] from the encoder stage -> per image, its caption at every layer."""
+    return layer_captions(decode_layers(lm, latents, layers, image_ids, params, batch_rows), layers, len(image_ids))
+
+
+def decode_layers(
+    lm: LoadedModel,
+    latents: torch.Tensor,
+    layers: list[int],
+    image_ids: list[str],
+    params: DecodeParams = DecodeParams(),
+    batch_rows: int = 256,
+    attention: bool = False,
+) -> list[Decoded]:
+    """latents [L, n, N, D] -> n x L decoded rows, image-major (image i's layer j is row i*L + j), all
+    decoded together; `attention`: with their cross-attention (`decode`)."""
     L, n = latents.shape[:2]
     rows = latents.transpose(0, 1).reshape(n * L, *latents.shape[2:])  # [n*L, N, D]
     keys = torch.tensor([row_key(i, layer) for i in image_ids for layer in layers], dtype=torch.long)
-    return layer_captions(decode(lm, rows, params, keys, batch_rows), layers, n)
+    return decode(lm, rows, params, keys, batch_rows, attention=attention)
 
 
 def layer_captions(decoded: list[Decoded], layers: list[int], n: int) -> list[list[LayerCaption]]:
@@ -123,8 +143,8 @@ def layer_captions(decoded: list[Decoded], layers: list[int], n: int) -> list[li
 @torch.inference_mode()
 def _decode_batch(
     decoder: TextDecoder, lm: LoadedModel, image_tokens: torch.Tensor, params: DecodeParams, keys: torch.Tensor,
-    embed_text: bool = False,
-) -> tuple[list[list[int]], list[list[float]], torch.Tensor | None]:
+    embed_text: bool = False, attention: bool = False,
+) -> tuple[list[list[int]], list[list[float]], torch.Tensor | None, list[torch.Tensor] | None]:
     B, S, device = image_tokens.shape[0], params.seq_len, image_tokens.device
     image_keys = decoder.image_keys(image_tokens)  # [B, N, D], read by every decoder layer
     caches = decoder.new_caches(B, S, device)
@@ -132,13 +152,17 @@ def _decode_batch(
     seqs = torch.full((B, S), lm.pad_id, dtype=torch.long, device=device)  # start + generated
     seqs[:, 0] = lm.sot_id
     entropy = torch.zeros(B, S - 1, device=device)
+    attended = torch.zeros(B, S - 1, image_tokens.shape[1], device=device) if attention else None  # [B, S-1, N]
+    step_attention = torch.zeros(B, image_tokens.shape[1], device=device) if attention else None  # [b, N]
     steps = torch.zeros(B, dtype=torch.long, device=device)  # generated tokens per row
     alive = torch.arange(B, device=device)  # batch rows still decoding -> their index in seqs
     token = seqs[:, 0]
     for pos in range(S - 1):
         cur_len = pos + 1  # tokens present, start token included
-        logits = decoder.step(token, pos, caches, image_keys)  # [b, V]
+        logits = decoder.step(token, pos, caches, image_keys, step_attention)  # [b, V]
         entropy[alive, pos] = entropy_bits(logits)
+        if attended is not None:
+            attended[alive, pos] = step_attention
         if cur_len + 1 == S:  # last slot: the end token is forced
             token = torch.full_like(token, lm.eot_id)
         else:
@@ -159,10 +183,13 @@ def _decode_batch(
             for cache in caches:
                 cache.keep(keep)
             image_keys = image_keys.index_select(0, keep)
+            if step_attention is not None:
+                step_attention = step_attention[: len(keep)]
     tokens, entropies = _finish(seqs, steps, entropy, lm.eot_id)
     # The end token of each row sits at position steps (start token at 0): not yet fed to the text tower.
     embeddings = None if finished is None else embed(decoder, finished, seqs, steps, steps.clone(), lm.pad_id)
-    return tokens, entropies, embeddings
+    attentions = None if attended is None else [a[:n] for a, n in zip(attended, steps.tolist())]  # [steps, N] each
+    return tokens, entropies, embeddings, attentions
 
 
 def _finish(seqs: torch.Tensor, steps: torch.Tensor, entropy: torch.Tensor, eot_id: int):
