@@ -52,6 +52,7 @@ class Grounded:
     text_embeddings: torch.Tensor  # [n, L, E] float32, unit length
     image_embeddings: torch.Tensor  # [n, E] float32, unit length
     null_captions: dict[str, str]  # {"layer_<i>": the gray image's caption}
+    cross_attention: list[torch.Tensor] | None = None  # with `attention`: n*L rows (image-major) [steps, N]
 
 
 def gray_pixels(lm: LoadedModel) -> torch.Tensor:
@@ -69,9 +70,11 @@ def caption_grounded(
     image_ids: list[str],
     params: DecodeParams = DecodeParams(),
     batch_rows: int = 256,
+    attention: bool = False,
 ) -> Grounded:
     """latents [L, n, N, D] and image embeddings [n, E] from `encode_grounded` -> per image its caption
-    at every layer with image_score, prior, prior_overlap and last_layer_similarity."""
+    at every layer with image_score, prior, prior_overlap and last_layer_similarity; `attention`: with
+    each caption's cross-attention (services.decoder.stage.decode)."""
     L, n = latents.shape[:2]
     rows = latents.transpose(0, 1).reshape(n * L, *latents.shape[2:])  # [n*L, N, D]
     ids = [(i, layer) for i in image_ids for layer in layers]
@@ -82,7 +85,7 @@ def caption_grounded(
         rows = torch.cat([rows, gray.to(rows)])
         ids += [(_NULL_ROW_ID, layer) for layer in layers]
     keys = torch.tensor([row_key(i, layer) for i, layer in ids], dtype=torch.long)
-    decoded = decode(lm, rows, params, keys, batch_rows, embed_text=True)
+    decoded = decode(lm, rows, params, keys, batch_rows, embed_text=True, attention=attention)
     if key not in cache:
         cache[key] = decoded[n * L :]
     null = cache[key]
@@ -98,7 +101,8 @@ def caption_grounded(
             c.prior = c.caption == null[j].text
             c.prior_overlap = token_f1(c.tokens, null[j].tokens)
             c.last_layer_similarity = float(to_last[i, j])
-    return Grounded(captions, text, image, {f"layer_{layer}": d.text for layer, d in zip(layers, null)})
+    return Grounded(captions, text, image, {f"layer_{layer}": d.text for layer, d in zip(layers, null)},
+                    [d.cross_attention for d in decoded[: n * L]] if attention else None)
 
 
 def token_f1(a: Sequence[int], b: Sequence[int]) -> float:
