@@ -33,6 +33,7 @@ class ImageItem:
     data: bytes
     meta: dict | None = None
     error: str | None = None  # set when the input could not even be read
+    size: tuple[int, int] | None = None  # (width, height), set once the image is decoded (load_pixels)
 
 
 def sniff(data: bytes) -> str | None:
