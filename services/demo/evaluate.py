@@ -4,12 +4,13 @@ colours, the right shapes and the right (colour, shape) objects."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import count, islice
 
 from PIL import Image
 
 from services.demo.scoring import score
-from services.demo.synth import Scene, scenes
+from services.demo.synth import Scene, render, sample_scene
 from shared.images import ImageItem
 from shared.schemas import ImageResult
 
@@ -20,14 +21,24 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def scene_items(seed: int, n: int) -> tuple[list[ImageItem], dict[str, Scene]]:
-    """Scenes 0..n-1 of `seed` as PNG-encoded items, and each item's ground truth by id."""
+def scene_items(seed: int, n: int, min_objects: int = 1) -> tuple[list[ImageItem], dict[str, Scene]]:
+    """The first n scenes of `seed` with at least `min_objects` objects (1: scenes 0..n-1) as PNG-encoded
+    items, and each item's ground truth by id."""
     items, truth = [], {}
-    for i, scene, img in scenes(seed, n):
+    for i, scene in islice(_scenes_with(seed, min_objects), n):
+        img = render(scene, seed, i)
         item_id = f"scene_{seed}_{i:06d}"
         items.append(ImageItem(id=item_id, source=f"synth:seed={seed}:index={i}", data=png_bytes(img)))
         truth[item_id] = scene
     return items, truth
+
+
+def _scenes_with(seed: int, min_objects: int) -> Iterator[tuple[int, Scene]]:
+    """(index, scene) of `seed`'s scenes with at least `min_objects` objects, in index order."""
+    for i in count():
+        scene = sample_scene(seed, i)
+        if len(scene.objects) >= min_objects:
+            yield i, scene
 
 
 def layer_shares(results: Iterable[ImageResult], truth: dict[str, Scene]) -> list[dict]:

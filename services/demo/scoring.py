@@ -1,12 +1,13 @@
 """How well a caption describes a synthetic scene: does it name the right colours, the right shapes,
-and the right (colour, shape) object for every object, nothing missing and nothing extra."""
+and the right (colour, shape) object for every object, nothing missing and nothing extra; and how well a
+region's caption describes one object of it (`region_score`)."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
 
-from services.demo.synth import COLORS, SHAPES, Scene
+from services.demo.synth import COLORS, SHAPES, Scene, SceneObject
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -38,3 +39,13 @@ def score(caption: str, scene: Scene) -> dict[str, bool]:
         "shape": Counter(w for w in words if w in SHAPES) == Counter(o.shape for o in truth),
         "color_shape": Counter(named_objects(caption)) == Counter((o.color, o.shape) for o in truth),
     }
+
+
+def region_score(caption: str, obj: SceneObject, scene: Scene) -> dict[str, bool]:
+    """How a region's caption describes `obj`, one of the scene's objects. own: it names obj's (colour,
+    shape); other: it names another object's (one of obj's colour and shape cannot be told apart from obj,
+    so it does not count); right: own and not other."""
+    named = set(named_objects(caption))
+    own = (obj.color, obj.shape)
+    other = bool(named & ({(o.color, o.shape) for o in scene.objects if o != obj} - {own}))
+    return {"right": own in named and not other, "own": own in named, "other": other}
