@@ -27,18 +27,19 @@ def test_object_box_grows_about_the_centre_and_is_clipped_to_the_image():
 
 
 def test_a_region_caption_names_its_object_and_no_other():
-    def verdict(caption: str, scene: Scene = SCENE) -> tuple[bool, bool, bool]:
+    def verdict(caption: str, scene: Scene = SCENE) -> tuple[bool, bool, bool, bool]:
         v = region_score(caption, RED_CIRCLE, scene)
-        return v["right"], v["own"], v["other"]
+        return v["right"], v["own"], v["other"], v["single"]
 
-    assert verdict("a large red circle on a gray background") == (True, True, False)
-    assert verdict("a red circle left of a green triangle") == (True, True, False)  # not in the scene: no other's
-    assert verdict("a large red circle left of a small blue square") == (False, True, True)
-    assert verdict("a small blue circle on a gray background") == (False, False, False)  # wrong colour
-    assert verdict("a large red square") == (False, False, False)
-    assert verdict("a red cross") == (False, False, True)  # the other red object
+    assert verdict("a large red circle on a gray background") == (True, True, False, True)
+    assert verdict("a red circle left of a green triangle") == (True, True, False, False)  # not in the scene
+    assert verdict("a red circle left of a red circle") == (True, True, False, False)  # named twice
+    assert verdict("a large red circle left of a small blue square") == (False, True, True, False)
+    assert verdict("a small blue circle on a gray background") == (False, False, False, False)  # wrong colour
+    assert verdict("a large red square") == (False, False, False, False)
+    assert verdict("a red cross") == (False, False, True, False)  # the other red object
     twins = Scene(objects=(RED_CIRCLE, SceneObject("red", "circle", "small", 45, 40, 17)), background="white")
-    assert verdict("a large red circle left of a small red circle", twins) == (True, True, False)
+    assert verdict("a large red circle left of a small red circle", twins) == (True, True, False, False)
 
 
 def test_caption_words_keep_their_tokens_positions():

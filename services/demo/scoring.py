@@ -44,8 +44,8 @@ def score(caption: str, scene: Scene) -> dict[str, bool]:
 def region_score(caption: str, obj: SceneObject, scene: Scene) -> dict[str, bool]:
     """How a region's caption describes `obj`, one of the scene's objects. own: it names obj's (colour,
     shape); other: it names another object's (one of obj's colour and shape cannot be told apart from obj,
-    so it does not count); right: own and not other."""
-    named = set(named_objects(caption))
+    so it does not count); right: own and not other; single: it names obj and nothing else, once."""
+    named = named_objects(caption)
     own = (obj.color, obj.shape)
-    other = bool(named & ({(o.color, o.shape) for o in scene.objects if o != obj} - {own}))
-    return {"right": own in named and not other, "own": own in named, "other": other}
+    other = bool(set(named) & ({(o.color, o.shape) for o in scene.objects if o != obj} - {own}))
+    return {"right": own in named and not other, "own": own in named, "other": other, "single": named == [own]}

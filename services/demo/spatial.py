@@ -59,5 +59,5 @@ def pointing_hits(pieces: list[str], maps: np.ndarray, scene: Scene, input_box: 
             continue
         x, y = peak(maps[positions].mean(0), input_box)
         bx0, by0, bx1, by1 = object_box(matching[0])
-        hits.append(bx0 - slack_x <= x <= bx1 + slack_x and by0 - slack_y <= y <= by1 + slack_y)
+        hits.append(bool(bx0 - slack_x <= x <= bx1 + slack_x and by0 - slack_y <= y <= by1 + slack_y))
     return hits
