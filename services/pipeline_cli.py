@@ -4,7 +4,9 @@ Writes DIR/results.jsonl (one ImageResult per input image, in input order, strea
 DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}).
 With grounding (the default; --no-grounding turns it off) every caption carries its grounding
 measures; once the last image is done results.jsonl is rewritten with the retrieval ranks, and
-DIR/prior.json holds the gray image's caption per layer ({"layer_<i>": caption})."""
+DIR/prior.json holds the gray image's caption per layer ({"layer_<i>": caption}). With --attributions,
+DIR/attributions/<id>.safetensors holds each image's word -> patch maps (shared.attributions). With
+--region / --regions, each result also has its regions' captions at every layer (`regions`)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_
 from services.pipeline import verbalize
 from shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
 from shared.models import LoadedModel, ModelError
+from shared.regions import Region, check_coverable, parse_regions
 from shared.schemas import DecodeParams
 from shared.settings import get_settings
 
@@ -49,6 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--save-features", action="store_true",
                    help="also save each image's raw per-block outputs to DIR/features/<id>.safetensors")
+    p.add_argument("--attributions", action="store_true",
+                   help="also save, per image, every caption token's map over the layer's patches (which patches"
+                        " the word was read from) to DIR/attributions/<id>.safetensors")
+    g = p.add_argument_group("regions (what does a layer know about THIS part of the image?)")
+    g.add_argument("--region", action="append", default=[], metavar="[NAME=]X0,Y0,X1,Y1",
+                   help="caption this box of every image too, at every layer: edges in the image's pixels, or"
+                        " fractions of its size when all four are in [0, 1] (0,0,0.5,1: the left half); repeatable")
+    g.add_argument("--regions", metavar="grid:RxC", help="caption each cell of an R x C grid over the image")
+    g.add_argument("--region-cls", action="store_true",
+                   help="regions read the class token too (it has seen the whole image); default: patches only")
     g = p.add_argument_group("grounding (is each caption about its image?)")
     g.add_argument("--no-grounding", dest="grounding", action="store_false",
                    help="skip image_score, retrieval_rank, prior and last_layer_similarity")
@@ -64,18 +77,30 @@ def run(args: argparse.Namespace) -> int:
         items = iter_items(args.paths)
         if args.gallery < 2:
             raise ValueError(f"--gallery {args.gallery}: a gallery needs at least 2 images")
+        regions = regions_from_args(args)
         lm = model_from_args(args)
+        check_coverable(regions, lm.model.visual.image_size, lm.model.visual.patch_size)
     except (ModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         n_ok, n_err = write_run(lm, items, args.out, layers, params, batch_size=args.batch_size,
                                 decode_batch=args.decode_batch, max_pixels=args.max_pixels,
-                                save_features=args.save_features, grounding=args.grounding, gallery=args.gallery)
+                                save_features=args.save_features, grounding=args.grounding, gallery=args.gallery,
+                                attributions=args.attributions, regions=regions)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if n_ok or not n_err else 1
+
+
+def regions_from_args(args: argparse.Namespace) -> list[Region]:
+    """--region (repeated), --regions grid:RxC, --region-cls -> the run's regions (none: []); RegionError
+    names a bad one."""
+    texts = [*args.region, *([args.regions] if args.regions else [])]
+    if args.region_cls and not texts:
+        raise ValueError("--region-cls applies to regions: give --region or --regions too")
+    return parse_regions(texts, args.region_cls)
 
 
 def write_run(
@@ -91,6 +116,8 @@ def write_run(
     save_features: bool = False,
     grounding: bool = True,
     gallery: int = 1000,
+    attributions: bool = False,
+    regions: list[Region] | None = None,
 ) -> tuple[int, int]:
     """Verbalize `items` into `out` (results.jsonl, captions.json, prior.json with grounding); the
     `verbalize` command and `demo` both write their runs with it. -> (images captioned, images failed)."""
@@ -100,7 +127,8 @@ def write_run(
     t0 = time.perf_counter()
     embeddings = RunEmbeddings() if grounding else None
     results = verbalize(lm, items, layers, params, batch_size, decode_batch,
-                        out / "features" if save_features else None, max_pixels, embeddings)
+                        out / "features" if save_features else None, max_pixels, embeddings,
+                        out / "attributions" if attributions else None, regions)
     with open(out / "results.jsonl", "w") as f:
         for r in tqdm(results, unit="img", desc="verbalize", disable=None):
             f.write(r.model_dump_json(exclude_none=True) + "\n")

@@ -23,9 +23,10 @@ from enum import Enum
 from typing import Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from shared.keys import Keys
+from shared.regions import MAX_REGIONS, Region, parse_regions
 from shared.schemas import DecodeParams
 
 STAGES = ("encode", "decode", "categorize")
@@ -64,6 +65,26 @@ class JobOptions(BaseModel):
     grounding: bool = Field(True, description="score every caption against its image (image_score, retrieval"
                                               " rank, prior, similarity to the last layer)")
     backend: CategorizerBackend | None = Field(None, description="categorizer backend; null: the server's default")
+    attributions: bool = Field(False, description="word -> patch maps: per image, every caption token's map over its"
+                                                  " layer's patches (GET /v1/jobs/{id}/attributions); decoding is"
+                                                  " slower")
+    region_cls: bool = Field(False, description="regions read the class token too (it has seen the whole image);"
+                                                " off: only the patches inside each region")
+    regions: list[str | Region] = Field(
+        default_factory=list, max_length=MAX_REGIONS,
+        description="parts of every image to caption on their own at every layer (each image result's `regions`):"
+                    ' "x0,y0,x1,y1" in the image\'s pixels, or fractions of its size when all four are in [0, 1];'
+                    ' "name=x0,y0,x1,y1"; "grid:RxC" (R x C cells, labelled r{i}c{j}); or Region objects. Stored'
+                    " parsed and labelled (r{k} when unnamed). A region that covers no patch of an image fails that"
+                    " image; one that can cover none of any image is refused (422)",
+        examples=[["0,0,0.5,1", "cup=10,20,40,50"], ["grid:2x2"]],
+    )
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _parse_regions(cls, value: object, info: ValidationInfo) -> object:
+        """Strings and objects alike -> labelled Regions, a bad one named (RegionError: a 422)."""
+        return parse_regions(value, info.data.get("region_cls", False)) if isinstance(value, list) else value
 
 
 class JobRecord(BaseModel):

@@ -86,8 +86,19 @@ def parse_region(text: str) -> Region:
     try:
         return Region(x0=values[0], y0=values[1], x1=values[2], y1=values[3], units=units, label=label or None)
     except ValidationError as e:
-        reasons = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
-        raise RegionError(f"region {text!r}: {reasons}") from None
+        raise RegionError(f"region {text!r}: {_reasons(e)}") from None
+
+
+def _region_object(data: dict) -> Region:
+    try:
+        return Region.model_validate(data)
+    except ValidationError as e:
+        raise RegionError(f"region {data}: {_reasons(e)}") from None
+
+
+def _reasons(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}"
+                     f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
 
 
 def grid(text: str) -> list[Region]:
@@ -101,14 +112,18 @@ def grid(text: str) -> list[Region]:
                    label=f"r{i}c{j}") for i in range(rows) for j in range(cols)]
 
 
-def parse_regions(texts: Sequence[str | Region], include_cls: bool = False) -> list[Region]:
-    """Boxes, grids ('grid:RxC') and Region objects -> the run's regions, each labelled (r{k} when
-    unnamed); `include_cls` reads the class token in all of them. RegionError for an unparseable one,
-    a repeated label or more than MAX_REGIONS regions."""
+def parse_regions(texts: Sequence[str | Region | dict], include_cls: bool = False) -> list[Region]:
+    """Boxes, grids ('grid:RxC'), Region objects and their JSON (dicts) -> the run's regions, each labelled
+    (r{k} when unnamed); `include_cls` reads the class token in all of them. RegionError for an unparseable
+    one, a repeated label or more than MAX_REGIONS regions."""
     regions: list[Region] = []
     for text in texts:
         if isinstance(text, Region):
             regions.append(text)
+        elif isinstance(text, dict):
+            regions.append(_region_object(text))
+        elif not isinstance(text, str):
+            raise RegionError(f"region {text!r}: expected a string (x0,y0,x1,y1 or grid:RxC) or a Region object")
         elif text.strip().startswith("grid:"):
             regions += grid(text)
         else:

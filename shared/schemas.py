@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.regions import Region
+
 Strategy = Literal["greedy", "sample", "beam"]
 
 
@@ -41,16 +43,34 @@ class LayerCaption(BaseModel):
     mean_entropy: float
     # Grounding (services/decoder/grounding.py; absent when it is off). Cosines of the model's own
     # contrastive embeddings (encode_image / encode_text), in [-1, 1].
-    image_score: float | None = Field(None, description="cosine of the caption's text embedding and the image's")
+    image_score: float | None = Field(
+        None, description="cosine of the caption's text embedding and the image's (a region's caption: the WHOLE"
+                          " image's embedding, the only one the model has)"
+    )
     retrieval_rank: int | None = Field(
-        None, description="rank of the own image among the gallery by image_score (1 = best); null: one image"
+        None, description="rank of the own image among the gallery by image_score (1 = best); null: one image,"
+                          " and always for a region's captions"
     )
     gallery_size: int | None = Field(None, description="images the rank was taken among (own image included)")
-    prior: bool | None = Field(None, description="caption equals this layer's caption for a flat gray image")
+    prior: bool | None = Field(
+        None, description="caption equals this layer's caption for a flat gray image (its whole image, for regions too)"
+    )
     prior_overlap: float | None = Field(None, description="token F1 (BPE ids) with the gray image's caption")
     last_layer_similarity: float | None = Field(
-        None, description="cosine of the text embeddings of this caption and the deepest selected layer's"
+        None, description="cosine of the text embeddings of this caption and the deepest selected layer's (a"
+                          " region's caption: the same region's at that layer)"
     )
+
+
+class RegionResult(BaseModel):
+    """A region's captions (services.encoder.regions): at every layer the pooler read only the region's
+    patches (and the class token with include_cls), then the decoder captioned as for the whole image."""
+
+    region: Region = Field(description="the region as asked, labelled")
+    box: list[float] = Field(min_length=4, max_length=4, description="x0, y0, x1, y1 in the image's pixels,"
+                                                                     " clipped to the image")
+    patches: int = Field(description="patches of the model's input the region's pooler queries read")
+    layers: list[LayerCaption]
 
 
 class ImageResult(BaseModel):
@@ -60,6 +80,12 @@ class ImageResult(BaseModel):
     source: str
     meta: dict | None = Field(None, description="key.json / key.txt carried through from a shard")
     layers: list[LayerCaption] | None = None
+    size: list[int] | None = Field(None, min_length=2, max_length=2, description="the image's width, height (px)")
+    input_box: list[float] | None = Field(
+        None, min_length=4, max_length=4, description="x0, y0, x1, y1 in the image's pixels: the part the model's"
+        " input shows after its preprocessing (resize + center crop); its patch grid tiles this box"
+    )
+    regions: list[RegionResult] | None = Field(None, description="each region's captions, in the order asked")
     error: str | None = None
 
 
