@@ -6,16 +6,19 @@ With grounding (the default; --no-grounding turns it off) every caption carries 
 measures; once the last image is done results.jsonl is rewritten with the retrieval ranks, and
 DIR/prior.json holds the gray image's caption per layer ({"layer_<i>": caption}). With --attributions,
 DIR/attributions/<id>.safetensors holds each image's word -> patch maps (shared.attributions). With
---region / --regions, each result also has its regions' captions at every layer (`regions`)."""
+--region / --regions, each result also has its regions' captions at every layer (`regions`), and
+DIR/regions.csv has them one row per region and layer."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,7 +35,7 @@ from services.pipeline import verbalize
 from shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
 from shared.models import LoadedModel, ModelError
 from shared.regions import Region, check_coverable, parse_regions
-from shared.schemas import DecodeParams
+from shared.schemas import DecodeParams, ImageResult
 from shared.settings import get_settings
 
 log = logging.getLogger("verbalize")
@@ -103,6 +106,18 @@ def regions_from_args(args: argparse.Namespace) -> list[Region]:
     return parse_regions(texts, args.region_cls)
 
 
+REGION_COLUMNS = ["id", "region", "x0", "y0", "x1", "y1", "patches", "layer", "caption", "mean_entropy",
+                  "image_score", "prior", "prior_overlap", "last_layer_similarity"]
+
+
+def _region_rows(result: ImageResult) -> Iterator[list]:
+    """regions.csv: one row per region caption (box in image px; grounding columns empty when it was off)."""
+    for region in result.regions or []:
+        for c in region.layers:
+            yield [result.id, region.region.label, *region.box, region.patches, c.layer, c.caption, c.mean_entropy,
+                   c.image_score, c.prior, c.prior_overlap, c.last_layer_similarity]
+
+
 def write_run(
     lm: LoadedModel,
     items: Iterable[ImageItem],
@@ -119,8 +134,9 @@ def write_run(
     attributions: bool = False,
     regions: list[Region] | None = None,
 ) -> tuple[int, int]:
-    """Verbalize `items` into `out` (results.jsonl, captions.json, prior.json with grounding); the
-    `verbalize` command and `demo` both write their runs with it. -> (images captioned, images failed)."""
+    """Verbalize `items` into `out` (results.jsonl, captions.json, prior.json with grounding, regions.csv
+    with regions); the `verbalize` command and `demo` both write their runs with it. -> (images captioned,
+    images failed)."""
     out.mkdir(parents=True, exist_ok=True)
     captions: dict[str, list[str]] = {}
     n_ok = n_err = 0
@@ -129,9 +145,15 @@ def write_run(
     results = verbalize(lm, items, layers, params, batch_size, decode_batch,
                         out / "features" if save_features else None, max_pixels, embeddings,
                         out / "attributions" if attributions else None, regions)
-    with open(out / "results.jsonl", "w") as f:
+    with ExitStack() as files:
+        f = files.enter_context(open(out / "results.jsonl", "w"))
+        table = csv.writer(files.enter_context(open(out / "regions.csv", "w", newline=""))) if regions else None
+        if table is not None:
+            table.writerow(REGION_COLUMNS)
         for r in tqdm(results, unit="img", desc="verbalize", disable=None):
             f.write(r.model_dump_json(exclude_none=True) + "\n")
+            if table is not None:
+                table.writerows(_region_rows(r))
             if r.error:
                 n_err += 1
                 log.warning("image failed", extra={"id": r.id, "source": r.source, "reason": r.error})

@@ -1,6 +1,7 @@
 """Region captions (issue 15): what a user writes, where it lands in the model's input, the pooler's key
 mask, and the captions a run gives for it (coca_tiny: 32x32-px input, 8x8-px patches, a 4x4 grid)."""
 
+import csv
 import io
 import json
 
@@ -242,6 +243,11 @@ def test_cli_regions_and_grid(tmp_path):
         assert [c["layer"] for c in region["layers"]] == [0, 1, 2, 3]
         assert all(c["caption"] and c["tokens"] for c in region["layers"])
         assert region["patches"] > 0 and len(region["box"]) == 4
+    with open(out / "regions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 * 4 and {r["id"] for r in rows} == {"small"}
+    cup = small["regions"][1]["layers"][0]["caption"]
+    assert (rows[4]["region"], rows[4]["layer"], rows[4]["caption"]) == ("cup", "0", cup)
 
 
 @pytest.mark.parametrize("args, reason", [
