@@ -6,11 +6,13 @@ transform step by step and returns the map from image pixels to input pixels:
 
     input px = image px * scale + shift         (per axis; continuous coordinates, 0 = a pixel's edge)
 
-A region (shared.regions: the syntax and parsing, re-exported here) is mapped into input pixels, and
-patch (i, j) of the input's grid is SEEN when more than half of its area lies inside it; token 0, the
-class token (every block lets it read the whole image), is seen only with `include_cls`. The key mask
-[N, R, T] goes to services.encoder.stage.pool_regions: region r's pooler queries attend over its seen
-keys only, at every selected layer, and the decoder reads the result as it reads a whole image's.
+A region (shared.regions: the syntax and parsing, re-exported here) is put in image pixels (fractions
+of the image's size, or for "input" units, grid cells, of the input box: the part of the image the input
+shows), clipped to the image, mapped into input pixels, and patch (i, j) of the input's grid is SEEN when
+more than half of its area lies inside it (shared.regions.covered); token 0, the class token (every
+block lets it read the whole image), is seen only with `include_cls`. The key mask [N, R, T] goes to
+services.encoder.stage.pool_regions: region r's pooler queries attend over its seen keys only, at every
+selected layer, and the decoder reads the result as it reads a whole image's.
 """
 
 from __future__ import annotations
