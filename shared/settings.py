@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: str = Field("fp32", description="fp32 | bf16 | fp16")
     model_cache: Path | None = Field(None, description="where open_clip keeps downloaded weights")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "latent-verbalizer", description="derived data kept across runs: the embedded"
+        " labeler's MiniLM embeddings, the gray image's captions (grounding)"
+    )
 
     # --- batching ---
     encode_batch: int = Field(32, description="images per vision-tower forward")
@@ -38,9 +42,6 @@ class Settings(BaseSettings):
 
     # --- categorizer ---
     categorizer_backend: str = Field("embedded", description="embedded (offline, CPU) | openai (LLM server)")
-    categorizer_cache_dir: Path = Field(
-        Path.home() / ".cache" / "latent-verbalizer", description="embedded: the lexicon's MiniLM embeddings"
-    )
     llm_url: str | None = Field(
         None, description="OpenAI-compatible API base URL (vLLM); unset: the openai backend is unavailable"
     )

@@ -55,7 +55,7 @@ def make_labeler(backend: Backend, settings: Settings | None = None) -> Labeler:
     if backend == "embedded":
         from services.categorizer.embedded.labeler import EmbeddedLabeler
 
-        return EmbeddedLabeler(settings.categorizer_cache_dir)
+        return EmbeddedLabeler(settings.cache_dir)
     if backend == "openai":
         from services.categorizer.openai_backend import OpenAILabeler
 
