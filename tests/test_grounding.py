@@ -1,7 +1,9 @@
 """Grounding measures (issue 14): the model's own contrastive embeddings, exactly as open_clip computes
-them, per caption; retrieval ranks; the gray image's captions; CLI and service outputs."""
+them, per caption; retrieval ranks; the gray image's captions and their disk cache; CLI and service
+outputs."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -10,13 +12,23 @@ from PIL import Image
 from service_stack import TINY, free_port, image_bytes, redis_server, service, service_env, wait_for_workers, wait_job
 
 from services.cli import main
-from services.decoder import grounding
+from services.decoder import grounding, null_cache
 from services.decoder.grounding import caption_grounded, gray_pixels, retrieval_ranks, token_f1
 from services.decoder.stage import decode
 from services.encoder.stage import check_layers, encode, encode_grounded
+from shared.models import load_model
 from shared.schemas import DecodeParams
 
 SOT, EOT, PAD = 49406, 49407, 0
+
+
+@pytest.fixture(autouse=True)
+def gray_cache(tmp_path, monkeypatch):
+    """Each test keeps the gray image's captions in a directory of its own (a served stack's too)."""
+    monkeypatch.setenv("LV_CACHE_DIR", str(tmp_path / "cache"))
+    kept = null_cache.use_directory(tmp_path / "cache" / "gray-captions")
+    yield null_cache.directory()
+    null_cache.use_directory(kept)
 
 
 def open_clip_ids(lm, tokens: list[int]) -> torch.Tensor:
@@ -125,10 +137,102 @@ def test_image_score_is_open_clip_cosine_and_gray_input_is_prior(model, pixels, 
             assert c.prior == (c.caption == null.caption)
             assert c.prior_overlap == pytest.approx(token_f1(c.tokens, null.tokens))
     # kept per (model, layers, params): a later batch reuses the same gray captions
-    kept = grounding._null[lm.model][((2, 0), params)]
+    (kept,) = grounding._null[lm.model].values()
     again = caption_grounded(lm, latents[:, :1], embeddings[:1], layers, ["a"], params)
-    assert grounding._null[lm.model][((2, 0), params)] is kept and again.null_captions == g.null_captions
+    (still,) = grounding._null[lm.model].values()
+    assert still is kept and again.null_captions == g.null_captions
     assert again.captions[0][0].image_score == pytest.approx(g.captions[0][0].image_score, abs=1e-6)
+
+
+def decoded_rows(monkeypatch) -> list[int]:
+    """The rows of every `decode` call caption_grounded makes from now on."""
+    rows: list[int] = []
+
+    def counting(lm, latents, *args, **kwargs):
+        rows.append(latents.shape[0])
+        return decode(lm, latents, *args, **kwargs)
+
+    monkeypatch.setattr(grounding, "decode", counting)
+    return rows
+
+
+def fresh_run(lm, pixels, layers=(3, 1), params=DecodeParams(seq_len=8)):
+    """caption_grounded of two images as a fresh process runs it: nothing kept in the process."""
+    grounding.forget_null_captions(lm.model)
+    latents, embeddings = encode_grounded(lm.model.visual, pixels[:2], list(layers))
+    g = caption_grounded(lm, latents, embeddings, list(layers), ["a", "b"], params)
+    return g.null_captions, [[(c.caption, c.prior, c.prior_overlap) for c in per_image] for per_image in g.captions]
+
+
+def test_gray_captions_kept_on_disk_serve_a_fresh_process_of_the_same_model_layers_and_params(
+        pixels, gray_cache, monkeypatch):
+    lm = load_model("coca_tiny")  # the fixed seed's weights, a model object of its own
+    rows = decoded_rows(monkeypatch)
+    first = fresh_run(lm, pixels)
+    assert rows == [2 * 2 + 2] and len(list(gray_cache.glob("*.json"))) == 1
+    assert fresh_run(lm, pixels) == first and rows[-1] == 2 * 2  # read from disk: only the images' rows
+    assert fresh_run(load_model("coca_tiny"), pixels) == first and rows[-1] == 2 * 2  # same weights, new object
+
+    assert fresh_run(lm, pixels, params=DecodeParams(seq_len=9))[0] and rows[-1] == 2 * 2 + 2
+    assert fresh_run(lm, pixels, layers=(3, 0)) and rows[-1] == 2 * 2 + 2
+    with torch.no_grad():
+        lm.model.text.token_embedding.weight.view(-1)[null_cache.SUM_STRIDE * 3] += 1.0  # one value (summed)
+    fresh_run(lm, pixels)
+    assert rows[-1] == 2 * 2 + 2 and len(list(gray_cache.glob("*.json"))) == 4
+    fresh_run(lm, pixels)
+    assert rows[-1] == 2 * 2
+
+
+def test_weights_fingerprint_follows_every_change_of_a_weight(tiny):
+    lm = load_model("coca_tiny")
+    before = null_cache.weights_fingerprint(lm.model)
+    assert null_cache.weights_fingerprint(tiny.model) == before  # same weights, another object
+    weight = lm.model.text.token_embedding.weight  # [vocabulary, width]
+    saved = weight.clone()
+    for index in (0, null_cache.SUM_STRIDE * 5, weight.numel() // null_cache.SAMPLES | 1):  # sampled, summed
+        with torch.no_grad():
+            weight.view(-1)[index] += 1e-3  # in place
+        assert null_cache.weights_fingerprint(lm.model) != before, index
+        with torch.no_grad():
+            weight.copy_(saved)
+        assert null_cache.weights_fingerprint(lm.model) == before
+    with torch.no_grad():
+        weight.mul_(1.01)  # another checkpoint, as far as this tensor goes
+    assert null_cache.weights_fingerprint(lm.model) != before
+    weight.data = saved  # replaced
+    assert null_cache.weights_fingerprint(lm.model) == before
+    lm.model.to(torch.float16)
+    assert null_cache.weights_fingerprint(lm.model) != before
+
+
+BROKEN_ENTRIES = [
+    b"{not json", b"\xff\xfe", b"[]",
+    b'{"captions": {"layer_3": {"text": "a", "tokens": [1]}}}',  # a layer missing
+    b'{"captions": {"layer_3": {"text": "a", "tokens": ["x"]}, "layer_1": {"text": "b", "tokens": []}}}',
+]
+
+
+@pytest.mark.parametrize("broken", BROKEN_ENTRIES)
+def test_an_unusable_entry_is_ignored_and_written_again(broken, tiny, pixels, gray_cache, monkeypatch, caplog):
+    first = fresh_run(tiny, pixels)
+    rows = decoded_rows(monkeypatch)
+    (entry,) = gray_cache.glob("*.json")
+    entry.write_bytes(broken)
+    with caplog.at_level(logging.WARNING, logger=null_cache.__name__):
+        assert fresh_run(tiny, pixels) == first
+    assert rows == [2 * 2 + 2] and "unusable" in caplog.text and str(entry) in caplog.text
+    assert json.loads(entry.read_text())["model"] == "coca_tiny"  # written again
+    assert fresh_run(tiny, pixels) == first and rows[-1] == 2 * 2
+    assert [p.name for p in gray_cache.iterdir()] == [entry.name]  # no temporary file left
+
+
+def test_an_unwritable_cache_directory_is_logged_once_and_the_run_goes_on(tiny, pixels, tmp_path, caplog):
+    (tmp_path / "a-file").write_text("")
+    null_cache.use_directory(tmp_path / "a-file" / "gray-captions")  # restored by the gray_cache fixture
+    with caplog.at_level(logging.WARNING, logger=null_cache.__name__):
+        first = fresh_run(tiny, pixels)
+        assert fresh_run(tiny, pixels) == first
+    assert caplog.text.count("cannot keep") == 1 and set(first[0]) == {"layer_3", "layer_1"}
 
 
 def test_token_f1():

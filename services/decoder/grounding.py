@@ -11,9 +11,10 @@ and, once every image of a run or job is known, `retrieval_rank` among a gallery
 Text embeddings are `model.encode_text` of the generated ids (services.decoder.text_embedding);
 image embeddings `model.encode_image` (services.encoder.stage.encode_grounded).
 
-The gray image's captions are decoded once per (model, layers, decode parameters) per process, in the
+The gray image's captions are decoded once per (model and its weights, layers, decode parameters), in the
 same batch as the first images' rows (a separate decode of L rows would cost nearly a whole batch's
-steps), and kept.
+steps), and kept: per process, and on disk under the cache_dir setting (services.decoder.null_cache), so
+only the first run of a model/layer set pays for them; later processes read them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from services.decoder.stage import Decoded, decode, layer_captions, row_key
+from services.decoder import null_cache
+from services.decoder.null_cache import NullCaption
+from services.decoder.stage import decode, layer_captions, row_key
 from services.encoder.stage import encode
 from shared.artifacts import ArtifactStore
 from shared.jobs import JobRecord
@@ -43,7 +46,8 @@ from shared.settings import get_settings
 GRAY = (128, 128, 128)
 GALLERY_SEED = 0  # the retrieval gallery's sample is fixed by this seed and the images' order
 _NULL_ROW_ID = "\0gray"  # row key of the gray image's rows (seeded sampling)
-_null: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[Decoded]]] = weakref.WeakKeyDictionary()
+# per model: {(weights fingerprint, dtype, device type, layers, params): the gray image's captions, per layer}
+_null: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[NullCaption]]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -78,17 +82,22 @@ def caption_grounded(
     L, n = latents.shape[:2]
     rows = latents.transpose(0, 1).reshape(n * L, *latents.shape[2:])  # [n*L, N, D]
     ids = [(i, layer) for i in image_ids for layer in layers]
-    cache = _null.setdefault(lm.model, {})
-    key = (tuple(layers), params)
-    if key not in cache:  # the gray image's rows ride along with this batch
-        gray = encode(lm.model.visual, gray_pixels(lm), layers)[:, 0]  # [L, N, D]
-        rows = torch.cat([rows, gray.to(rows)])
-        ids += [(_NULL_ROW_ID, layer) for layer in layers]
+    kept = _null.setdefault(lm.model, {})
+    key = (null_cache.weights_fingerprint(lm.model), lm.dtype, lm.device.type, tuple(layers), params)
+    null = kept.get(key)
+    if null is None:
+        gray = gray_pixels(lm)
+        entry = null_cache.entry_name(lm, gray, layers, params)
+        null = null_cache.read(entry, layers)
+        if null is None:  # the gray image's rows ride along with this batch
+            rows = torch.cat([rows, encode(lm.model.visual, gray, layers)[:, 0].to(rows)])  # + [L, N, D]
+            ids += [(_NULL_ROW_ID, layer) for layer in layers]
     keys = torch.tensor([row_key(i, layer) for i, layer in ids], dtype=torch.long)
     decoded = decode(lm, rows, params, keys, batch_rows, embed_text=True, attention=attention)
-    if key not in cache:
-        cache[key] = decoded[n * L :]
-    null = cache[key]
+    if null is None:
+        null = [NullCaption(d.text, d.tokens) for d in decoded[n * L :]]
+        null_cache.write(entry, lm.name, layers, null)
+    kept[key] = null
     text = F.normalize(torch.stack([d.text_embedding for d in decoded[: n * L]]), dim=-1).view(n, L, -1)
     image = F.normalize(image_embeddings.float().to(text.device), dim=-1)  # [n, E]
     scores = torch.einsum("nle,ne->nl", text, image)  # [n, L]
@@ -208,6 +217,8 @@ def rank_job(store: ArtifactStore, job: JobRecord, results_path: Path) -> None:
 
 
 def forget_null_captions(model: nn.Module) -> None:
-    """Drop the model's kept gray-image captions (the next grounded batch decodes them again), as a
-    fresh process would: the overhead bench times that cost."""
+    """Drop the model's gray-image captions and weights fingerprint kept in this process, as a fresh
+    process starts: the next grounded batch takes the fingerprint again and reads the captions from disk,
+    or decodes them when there is no entry (null_cache.clear). The overhead bench times both."""
     _null.pop(model, None)
+    null_cache.forget(model)

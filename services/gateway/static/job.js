@@ -16,6 +16,34 @@ const LIVE_EVERY_MS = 4000;
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/**
+ * Poll job `id` until it ends, as long as alive() holds: onJob(job) after each answer, onRetry(error)
+ * after a connection problem (then retried with backoff). -> the ended job, or null once not alive.
+ * Throws the ApiError of a 404 (no such job) or a 401 (not allowed).
+ */
+export async function follow(id, { alive = () => true, onJob = null, onRetry = null } = {}) {
+  let failures = 0;
+  while (alive()) {
+    let job;
+    try {
+      job = await api.job(id);
+      failures = 0;
+    } catch (e) {
+      if (!alive()) return null;
+      if (e.status === 404 || e.status === 401) throw e;
+      failures += 1;
+      onRetry?.(e);
+      await sleep(Math.min(10000, POLL_MS * 2 ** failures));
+      continue;
+    }
+    if (!alive()) return null;
+    onJob?.(job);
+    if (TERMINAL.has(job.status)) return job;
+    await sleep(POLL_MS);
+  }
+  return null;
+}
+
 export class JobView {
   /** hooks: {onUpdate(job), onFinished(job), onGone(id, reason), onDeleted(id)} */
   constructor(root, hooks) {
@@ -79,40 +107,26 @@ export class JobView {
   }
 
   async poll(id, token) {
-    let failures = 0;
-    while (token === this.token) {
-      let job;
-      try {
-        job = await api.job(id);
-        failures = 0;
-        this.noteEl.hidden = true;
-      } catch (e) {
-        if (token !== this.token) return;
-        if (e.status === 404) {
-          this.gone(id, e.detail);
-          return;
-        }
-        if (e.status === 401) {
-          this.showError(`Not allowed: ${e.detail}`);
-          return;
-        }
-        failures += 1;
-        this.noteEl.textContent = `Connection problem (${e.detail}); retrying…`;
-        this.noteEl.hidden = false;
-        await sleep(Math.min(10000, POLL_MS * 2 ** failures));
-        continue;
-      }
-      if (token !== this.token) return;
+    const alive = () => token === this.token;
+    const onJob = (job) => {
+      this.noteEl.hidden = true;
       const previous = this.job;
       this.render(job);
       this.hooks.onUpdate?.(job);
-      if (TERMINAL.has(job.status)) {
-        if (!previous || previous.status !== job.status || !TERMINAL.has(previous.status)) {
-          this.hooks.onFinished?.(job);
-        }
-        return;
+      if (TERMINAL.has(job.status) && (!previous || previous.status !== job.status || !TERMINAL.has(previous.status))) {
+        this.hooks.onFinished?.(job);
       }
-      await sleep(POLL_MS);
+    };
+    const onRetry = (e) => {
+      this.noteEl.textContent = `Connection problem (${e.detail}); retrying…`;
+      this.noteEl.hidden = false;
+    };
+    try {
+      await follow(id, { alive, onJob, onRetry });
+    } catch (e) {
+      if (!alive()) return;
+      if (e.status === 404) this.gone(id, e.detail);
+      else this.showError(`Not allowed: ${e.detail}`);
     }
   }
 
