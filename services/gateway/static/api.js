@@ -146,4 +146,10 @@ export const api = {
       .map((line) => JSON.parse(line));
   },
   summary: (id) => getJSON(`/v1/jobs/${id}/summary`),
+  /** One caption's word -> patch maps (a job run with `attributions`); region: its index, or null. */
+  attributionMap(id, image, layer, region = null) {
+    const query = new URLSearchParams({ image, layer: String(layer) });
+    if (region !== null) query.set("region", String(region));
+    return getJSON(`/v1/jobs/${id}/attributions/map?${query}`);
+  },
 };

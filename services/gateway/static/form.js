@@ -20,6 +20,7 @@ export class SubmitForm {
     this.strategy = $("#opt-strategy", root);
     this.categorize = $("#opt-categorize", root);
     this.backend = $("#opt-backend", root);
+    this.attributions = $("#opt-attributions", root);
     this.summary = $("#options-summary", root);
     this.server = null;
     this.wire();
@@ -132,6 +133,7 @@ export class SubmitForm {
     this.categorize.checked = defaults.categorize !== false;
     if (defaults.backend) this.backend.value = defaults.backend;
     this.backend.disabled = !this.categorize.checked;
+    this.attributions.checked = defaults.attributions === true;
     for (const el of this.root.querySelectorAll("[aria-invalid]")) this.markInvalid(el, null);
     this.showStrategy();
     this.describe();
@@ -153,7 +155,8 @@ export class SubmitForm {
         : n ? `all ${n} layers` : "all layers";
     const seqLen = $("#opt-seq_len", this.root).value;
     const cat = this.categorize.checked ? `categorize (${this.backend.value || "default"})` : "no categories";
-    this.summary.textContent = `${layers} · ${this.strategy.value}, ≤ ${seqLen} tokens · ${cat}`;
+    const maps = this.attributions.checked ? " · word maps" : "";
+    this.summary.textContent = `${layers} · ${this.strategy.value}, ≤ ${seqLen} tokens · ${cat}${maps}`;
   }
 
   markInvalid(input, message) {
@@ -208,6 +211,7 @@ export class SubmitForm {
     }
     const options = { layers: parsed.layers, decode, categorize: this.categorize.checked };
     if (this.categorize.checked && this.backend.value) options.backend = this.backend.value;
+    if (this.attributions.checked) options.attributions = true;
     return { options };
   }
 

@@ -1,11 +1,14 @@
 // A succeeded job's results: downloads, the class figure (with a legend in the same colours) and the
 // entropy figure, per-layer numbers, and the images page by page, each with its layer ladder: layer,
-// caption, mean-entropy bar and the phrases' category chips coloured by class.
+// caption, mean-entropy bar and the phrases' category chips coloured by class; with its picture, the
+// word heatmaps, region ladders and caption map of spatial.js.
 
 import { api, apiKey, getBlob } from "./api.js";
 import { $, announce, clear, h } from "./dom.js";
 import { Palette, taxonomyFrom, textOn } from "./taxonomy.js";
+import { ImageSpatial } from "./spatial.js";
 import { tarMember } from "./tar.js";
+import { captionWords } from "./words.js";
 
 const PAGE_SIZES = [5, 10, 25, 50];
 const PAGE_SIZE_STORAGE = "lv.pageSize";
@@ -27,6 +30,7 @@ export class ResultsView {
 
   hide() {
     this.token += 1;
+    for (const spatial of this.state?.spatial.values() || []) spatial.close();
     this.root.hidden = true;
     clear(this.root);
     for (const url of this.urls) URL.revokeObjectURL(url);
@@ -59,6 +63,7 @@ export class ResultsView {
       job, records, summary, palette, page: 0, filter: "", onlyFailed: false,
       pageSize: PAGE_SIZES.includes(pageSize) ? pageSize : 10,
       showClasses: localStorage.getItem("lv.showClasses") === "1",
+      spatial: new Map(), // image id -> ImageSpatial
     };
     clear(this.root).append(this.overview(), this.imagesPanel());
     this.root.removeAttribute("aria-busy");
@@ -330,70 +335,91 @@ export class ResultsView {
         (entropies.length ? ` · mean entropy ${Math.min(...entropies).toFixed(2)}–${Math.max(...entropies).toFixed(2)} bits` : "")
       : "";
     const meta = record.meta && record.meta.txt ? h("p", { class: "meta small" }, `Text: ${record.meta.txt}`) : null;
+    const spatial = layers.length ? this.spatialOf(record) : null;
+    const { job } = this.state;
     return h("article", { class: `image-card${record.error ? " failed" : ""}`, "aria-labelledby": titleId,
       dataset: { imageId: record.id } },
       h("div", { class: "image-head" },
-        this.thumbnail(record),
+        // An unusable file rarely renders: a placeholder.
+        spatial ? spatial.picture : h("div", { class: "thumb-wrap" },
+          h("div", { class: "thumb placeholder", "aria-hidden": "true" }, h("span", {}, "no preview"))),
         h("div", { class: "image-title" },
           h("h3", { id: titleId }, record.id),
           record.source && record.source !== record.id ? h("p", { class: "source small muted" }, record.source) : null,
           facts ? h("p", { class: "small muted" }, facts) : null,
-          meta)),
+          meta,
+          spatial ? spatial.tools : null)),
       record.error
         ? h("p", { class: "image-error" }, h("strong", {}, "Could not use this image: "), record.error)
         : null,
-      layers.length ? this.ladder(record, titleId) : null);
+      spatial
+        ? h("div", { class: "ladders" },
+          h("div", { class: "whole-ladder" },
+            h("div", { class: "ladder-head" }, h("h4", {}, "Whole image")),
+            this.ladder(layers, { what: record.id, describedBy: titleId,
+              heat: job.options.attributions ? spatial.heat(job.id, record.id) : null })),
+          spatial.regionPanel)
+        : null,
+      spatial ? spatial.gridPanel : null);
   }
 
-  thumbnail(record) {
-    const wrap = h("div", { class: "thumb-wrap" });
-    const placeholder = h("div", { class: "thumb placeholder", "aria-hidden": "true" }, h("span", {}, "no preview"));
-    wrap.append(placeholder);
+  /** The image's picture, word heatmaps, region and grid jobs: one per image, kept across pages. */
+  spatialOf(record) {
+    const key = record.id;
+    if (!this.state.spatial.has(key)) {
+      this.state.spatial.set(key, new ImageSpatial({
+        job: this.state.job, record, file: this.fileOf(record), key: this.state.spatial.size,
+        url: (blob) => this.urlOf(blob),
+        ladder: (layers, what, heat) => this.ladder(layers, { what, heat }),
+      }));
+    }
+    return this.state.spatial.get(key);
+  }
+
+  /** The image's file as this tab picked it (or its member of a picked shard) -> Promise<File | null>. */
+  fileOf(record) {
     const files = this.files(this.state.job.id);
     const source = record.source || "";
-    if (!files || record.error) return wrap; // an unusable file rarely renders: keep the placeholder
-    const use = (blob) => {
-      if (!blob) return;
-      let url = this.thumbUrls.get(blob);
-      if (!url) {
-        url = URL.createObjectURL(blob);
-        this.thumbUrls.set(blob, url);
-      }
-      const img = h("img", { class: "thumb", src: url, alt: `Thumbnail of ${source}`, loading: "lazy" });
-      img.addEventListener("error", () => img.replaceWith(placeholder), { once: true });
-      placeholder.replaceWith(img);
-    };
-    if (files.has(source)) {
-      use(files.get(source));
-    } else {
-      const m = /^(.*?\.tar):(.+)$/i.exec(source);
-      if (m && files.has(m[1])) {
-        const ext = (m[2].split(".").pop() || "").toLowerCase();
-        tarMember(files.get(m[1]), m[2], MIME[ext] || "")
-          .then((blob) => {
-            if (blob) {
-              // One Blob per member for the URL cache.
-              const key = `${m[1]}:${m[2]}`;
-              files.set(key, blob);
-              use(blob);
-            }
-          })
-          .catch(() => {});
-      }
-    }
-    return wrap;
+    if (!files || record.error) return Promise.resolve(null);
+    if (files.has(source)) return Promise.resolve(files.get(source));
+    const m = /^(.*?\.tar):(.+)$/i.exec(source);
+    if (!m || !files.has(m[1])) return Promise.resolve(null);
+    const ext = (m[2].split(".").pop() || "").toLowerCase();
+    return tarMember(files.get(m[1]), m[2], MIME[ext] || "")
+      .then((blob) => {
+        if (!blob) return null;
+        const file = new File([blob], m[2].split("/").pop(), { type: blob.type });
+        files.set(source, file); // found once
+        return file;
+      })
+      .catch(() => null);
   }
 
-  ladder(record, titleId) {
+  urlOf(blob) {
+    let url = this.thumbUrls.get(blob);
+    if (!url) {
+      url = URL.createObjectURL(blob);
+      this.thumbUrls.set(blob, url);
+    }
+    return url;
+  }
+
+  /**
+   * A layer ladder: layer, caption, grounding mark, chips, entropy. what: whose captions (for screen
+   * readers); heat: with word maps, {show(layer, caption, wordIndex) -> Promise<bool>, clear()}, and
+   * each caption's words show their map on hover (or focus the caption and use the arrow keys).
+   */
+  ladder(layers, { what, describedBy = null, heat = null }) {
     const { palette, job } = this.state;
     const categorized = job.options.categorize;
-    const rows = record.layers.map((l) => {
+    const rows = layers.map((l) => {
       const e = Number.isFinite(l.mean_entropy) ? l.mean_entropy : null;
       const width = e === null ? 0 : Math.min(100, (e / MAX_ENTROPY_BITS) * 100);
       return h("tr", { class: "ladder-row", dataset: { layer: l.layer } },
         h("th", { scope: "row", class: "layer-num" }, String(l.layer)),
         h("td", { class: "caption-cell" },
-          h("p", { class: "caption" }, l.caption || h("span", { class: "muted" }, "(empty caption)")),
+          l.caption && heat ? hoverCaption(l, heat)
+            : h("p", { class: "caption" }, l.caption || h("span", { class: "muted" }, "(empty caption)")),
           groundingMark(l),
           categorized ? this.chips(l, palette) : null),
         h("td", { class: "entropy-cell" },
@@ -403,8 +429,8 @@ export class ResultsView {
             h("span", { class: "entropy-value" }, e === null ? "–" : `${e.toFixed(2)} bits`))));
     });
     return h("div", { class: "table-scroll" },
-      h("table", { class: "ladder", "aria-describedby": titleId },
-        h("caption", { class: "visually-hidden" }, `Captions of ${record.id}, layer by layer`),
+      h("table", { class: "ladder", "aria-describedby": describedBy },
+        h("caption", { class: "visually-hidden" }, `Captions of ${what}, layer by layer`),
         h("thead", {}, h("tr", {},
           h("th", { scope: "col", class: "layer-num" }, "Layer"),
           h("th", { scope: "col" }, categorized ? "Caption and phrase categories" : "Caption"),
@@ -429,6 +455,45 @@ export class ResultsView {
           h("span", { class: "chip-class" }, h("span", { class: "visually-hidden" }, ": "), palette.name(cls)));
       }));
   }
+}
+
+// ---- word heatmaps: a caption whose words show their map over the picture ----
+
+function hoverCaption(layer, heat) {
+  const words = captionWords(layer.caption).map((word, i) => h("span", { class: "word", dataset: { word: i } }, word));
+  const p = h("p", { class: "caption has-maps", tabindex: "0",
+    title: "Hover a word (or focus the caption and use ← →) to see the patches it was read from" },
+  words.flatMap((w, i) => (i ? [" ", w] : [w])));
+  let active = null;
+  const activate = (word) => {
+    if (word === active) return;
+    active?.classList.remove("active");
+    active = word;
+    word.classList.add("active");
+    word.classList.remove("no-map");
+    heat.show(layer.layer, layer.caption, Number(word.dataset.word)).then((shown) => {
+      if (!shown && active === word) word.classList.add("no-map");
+    });
+  };
+  const leave = () => {
+    active?.classList.remove("active");
+    active = null;
+    heat.clear();
+  };
+  p.addEventListener("mouseover", (e) => {
+    const word = e.target.closest(".word");
+    if (word) activate(word);
+  });
+  p.addEventListener("mouseleave", leave);
+  p.addEventListener("focus", () => activate(words[0]));
+  p.addEventListener("blur", leave);
+  p.addEventListener("keydown", (e) => {
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[e.key];
+    if (!step || !active) return;
+    e.preventDefault();
+    activate(words[Math.min(words.length - 1, Math.max(0, words.indexOf(active) + step))]);
+  });
+  return p;
 }
 
 // ---- grounding (shared/grounding.py): the job's curves, and a mark per caption ----
