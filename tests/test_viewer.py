@@ -14,79 +14,31 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
-from playwright.sync_api import Browser, Page, expect, sync_playwright
-from service_stack import API_KEY, TINY, free_port, image_bytes, redis_server, service, service_env, wait_for_workers
+import viewer_browser
+from PIL import Image
+from playwright.sync_api import expect
+from service_stack import API_KEY, free_port, image_bytes, redis_server, service, service_env, wait_for_workers
+from viewer_browser import (
+    IMAGE_LOADED,
+    JOB_TIMEOUT_MS,
+    new_page,
+    scene_png,
+    submit_files,
+    wait_succeeded,
+)
 
 from services.demo.evaluate import png_bytes
 from services.demo.synth import Scene, SceneObject, render
 from shared.settings import DEMO_MODEL, DEMO_PRETRAINED
 from shared.taxonomy import load_taxonomy
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+stack = viewer_browser.stack  # fixtures: one serve stack and one browser per module
+browser = viewer_browser.browser
+
 README_SHOT = Path(__file__).resolve().parents[1] / "docs" / "viewer.png"
 LAYERS = [0, 1, 2, 3]  # coca_tiny's vision blocks
 DEMO_LAST_LAYER = 5  # the demo model has 6 vision blocks
-JOB_TIMEOUT_MS = 120_000
-SEEDED_KEY = f"sessionStorage.setItem('lv.apiKey', {json.dumps(API_KEY)})"
-
-IMAGE_LOADED = "s => { const i = document.querySelector(s); return Boolean(i && i.complete && i.naturalWidth > 0) }"
 RUN: dict[str, str] = {}  # what one test leaves for the next: the id of the job it ran
-
-
-def scene_png(size=(160, 120)) -> bytes:
-    """A small landscape (sky, sun, hills) rather than noise, so the screenshot shows a real thumbnail."""
-    w, h = size
-    img = Image.new("RGB", size)
-    draw = ImageDraw.Draw(img)
-    for y in range(h):
-        t = y / h
-        draw.line([(0, y), (w, y)], fill=(int(90 + 120 * t), int(150 + 80 * t), 235))
-    draw.ellipse([w * 0.68, h * 0.12, w * 0.86, h * 0.36], fill=(255, 214, 90))
-    draw.polygon([(0, h), (0, h * 0.62), (w * 0.35, h * 0.45), (w * 0.7, h * 0.66), (w, h * 0.55), (w, h)],
-                 fill=(70, 140, 70))
-    draw.rectangle([w * 0.2, h * 0.62, w * 0.32, h * 0.8], fill=(150, 60, 50))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("viewer")
-    with redis_server(tmp) as url:
-        port = free_port()
-        with service(["serve", "--port", str(port), *TINY], service_env(url, tmp), tmp / "serve.log", port) as api:
-            wait_for_workers(url)
-            yield f"http://127.0.0.1:{port}", api
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is not installed: run `make system-deps` (apt-get install chromium)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def new_page(browser: Browser, base_url: str, with_key: bool = True) -> tuple[Page, list[str]]:
-    """A fresh browser context (own localStorage/sessionStorage) at laptop size; JS errors are collected."""
-    context = browser.new_context(viewport={"width": 1440, "height": 900}, base_url=base_url)
-    if with_key:
-        context.add_init_script(SEEDED_KEY)
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-    # Refused requests (the 401 before the key, the 415 of a bad upload) are logged by Chromium as
-    # "Failed to load resource"; those are expected. Anything else logged as an error is a bug.
-    page.on("console", lambda m: errors.append(f"console: {m.text}")
-            if m.type == "error" and "Failed to load resource" not in m.text else None)
-    return page, errors
 
 
 @pytest.fixture()
@@ -95,21 +47,6 @@ def page(browser, stack):
     yield page
     page.context.close()
     assert not errors, errors
-
-
-def submit_files(page: Page, files: list[dict]) -> str:
-    """Pick files through the file input, submit, wait for the job view; -> the job id."""
-    page.set_input_files("#files", files=files)
-    page.click("#submit-button")
-    page.wait_for_url("**/#job/*")
-    job_id = page.evaluate("location.hash").removeprefix("#job/")
-    assert len(job_id) == 32
-    return job_id
-
-
-def wait_succeeded(page: Page) -> None:
-    status = page.locator("#job-status")
-    expect(status).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
 
 
 DEMO_SCENES = [  # for the README's picture
