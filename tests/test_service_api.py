@@ -60,8 +60,10 @@ def test_health_options_docs(api):
     options = api.get("/v1/options").json()
     model = options["model"]  # (its weights field: tests/test_pretrained.py)
     assert (model["name"], model["layers"], model["max_seq_len"]) == ("coca_tiny", 4, 32)
+    assert (model["image_size"], model["patch_size"]) == ([32, 32], [8, 8])  # the patch grid regions are read in
     assert options["defaults"]["decode"]["seq_len"] == 30 and options["defaults"]["categorize"] is True
-    assert set(options["schema"]["properties"]) == {"layers", "decode", "categorize", "backend", "grounding"}
+    assert set(options["schema"]["properties"]) == {"layers", "decode", "categorize", "backend", "grounding",
+                                                    "attributions", "region_cls", "regions"}
     assert options["limits"]["max_files"] == MAX_FILES
     # No LLM server configured: only the embedded backend is offered.
     assert options["backends"] == ["embedded"] and options["llm"] is None
@@ -138,6 +140,10 @@ def test_oversized_body(api):
     ('{"layers": []}', "layers"),
     ('{"backend": "oracle"}', "backend"),
     ('{"backend": "openai"}', "openai backend is not available on this server: no LLM server is configured"),
+    ('{"regions": ["1,2,3"]}', "bad options at regions: Value error, region '1,2,3': expected x0,y0,x1,y1"),
+    ('{"regions": ["grid:3by3"]}', "region 'grid:3by3'"),
+    ('{"regions": [{"x0": 5, "y0": 0, "x1": 1, "y1": 1}]}', "x0 < x1"),
+    ('{"regions": ["0.4,0.4,0.5,0.5"]}', "region 'r0' (0.4,0.4,0.5,0.5 fraction) covers no whole 8x8-px patch"),
 ])
 def test_bad_options(api, options, reason):
     refused(api.post("/v1/jobs", files=[("files", ("a.png", image_bytes(0)))], data={"options": options}), 422,

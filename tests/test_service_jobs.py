@@ -32,6 +32,7 @@ from service_stack import (
 
 from services.categorizer.stage import make_labeler
 from services.categorizer.worker import labels_or_reasons
+from shared.attributions import map_key, read_attributions
 from shared.settings import Settings
 
 LAYERS = [0, 1, 2, 3]
@@ -190,6 +191,60 @@ def test_one_corrupt_image(stack):
     assert "corrupt jpeg image" in by_id["broken"]["error"] and "layers" not in by_id["broken"]
     assert_captioned(by_id["good"], categorized=False)
     assert_captioned(by_id["fine"], categorized=False)
+
+
+def test_job_with_regions(stack):
+    """Regions as job options: each image's regions captioned at every layer, grounded against the image; a
+    region covering no patch of one image (30 px of a 400x300 image is 3 px of coca_tiny's input) fails it."""
+    api = stack.api
+    files = [("files", ("small.png", image_bytes(20, size=(40, 30)))),
+             ("files", ("large.png", image_bytes(21, size=(400, 300))))]
+    options = {"categorize": False, "regions": ["0,0,30,30", "grid:2x2", {"x0": 0, "y0": 0, "x1": 1, "y1": 1,
+                                                                           "units": "fraction", "label": "all"}]}
+    job = wait_job(api, submit(api, files, options))
+    assert job["status"] == "succeeded" and job["progress"]["failed_images"] == 1, job
+    assert [r["label"] for r in job["options"]["regions"]] == ["r0", "r0c0", "r0c1", "r1c0", "r1c1", "all"]
+    by_id = {r["id"]: r for r in results(api, job["id"])}
+    assert "region 'r0' (0,0,30,30 px) covers no whole 8x8-px patch" in by_id["large"]["error"]
+    small = by_id["small"]
+    assert_captioned(small, categorized=False)
+    assert small["size"] == [40, 30] and len(small["input_box"]) == 4
+    assert [r["region"]["label"] for r in small["regions"]] == ["r0", "r0c0", "r0c1", "r1c0", "r1c1", "all"]
+    for region in small["regions"]:
+        assert [c["layer"] for c in region["layers"]] == LAYERS and region["patches"] > 0
+        for c in region["layers"]:
+            assert c["caption"] and -1 <= c["image_score"] <= 1 and "prior" in c and "retrieval_rank" not in c
+
+
+def test_job_with_attributions(stack, tmp_path):
+    """Word -> patch maps as a job option: per image one file (whole image and regions) kept with the job's
+    outputs, served as is and as JSON per caption; an unknown image or layer is a 404 with JSON."""
+    api = stack.api
+    files = [("files", (f"a{n}.png", image_bytes(30 + n))) for n in range(3)]  # two chunks
+    options = {"categorize": False, "grounding": False, "attributions": True, "regions": ["grid:1x2"]}
+    job = wait_job(api, submit(api, files, options))
+    assert job["status"] == "succeeded", job
+    assert (stack.artifacts / "jobs" / job["id"] / "attributions").is_dir()
+    assert not (stack.artifacts / "jobs" / job["id"] / "pool_attention").exists()  # an intermediate
+    base = f"/v1/jobs/{job['id']}/attributions"
+    for r in results(api, job["id"]):
+        answer = api.get(base, params={"image": r["id"]})
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
+        (tmp_path / "a.safetensors").write_bytes(answer.content)
+        a = read_attributions(tmp_path / "a.safetensors")
+        assert sorted(a.maps) == sorted(map_key(layer, region) for layer in LAYERS for region in (None, 0, 1))
+        for c in r["layers"]:
+            assert a.map(c["layer"]).shape == (len(c["tokens"]), *a.grid)
+    view = api.get(f"{base}/map", params={"image": r["id"], "layer": 2, "region": 1})
+    assert view.status_code == 200, view.text
+    view = view.json()
+    assert view["grid"] == list(a.grid) and view["input_box"] == r["input_box"]
+    assert len(view["maps"]) == len(view["tokens"]) == len(r["regions"][1]["layers"][2]["tokens"])
+    assert all(len(m) == a.grid[0] * a.grid[1] and abs(sum(m) - 1) < 1e-2 for m in view["maps"])
+    for route, params in ((base, {"image": "nope"}), (f"{base}/map", {"image": "../a0", "layer": 0}),
+                          (f"{base}/map", {"image": r["id"], "layer": 99})):
+        missing = api.get(route, params=params)
+        assert missing.status_code == 404 and missing.json()["detail"], (route, params)
 
 
 def test_cancel(stack):

@@ -23,7 +23,7 @@ from services.gateway.deps import Gateway, require_api_key
 from services.gateway.housekeeper import Housekeeper
 from services.gateway.metrics import registry
 from services.gateway.model_info import describe_model
-from services.gateway.routers import health, jobs
+from services.gateway.routers import attributions, health, jobs
 from services.gateway.schemas import ErrorOut, FieldError, ModelInfo, errors
 from shared.artifacts import ArtifactStore
 from shared.jobs import JobStore
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # With API keys, /v1 takes a bearer key, and the document says so (security scheme, 401 on every route).
     auth = {"dependencies": [Depends(require_api_key)], "responses": errors(401)} if settings.api_keys else {}
     app.include_router(jobs.router, **auth)
+    app.include_router(attributions.router, **auth)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(redis.RedisError, _redis_error)

@@ -15,7 +15,7 @@ from services.gateway.backends import LLMProbe
 from services.gateway.schemas import ModelInfo
 from shared.artifacts import ArtifactStore
 from shared.heartbeat import live_workers, unserved
-from shared.jobs import STAGES, JobRecord, JobStore, is_job_id
+from shared.jobs import STAGES, JobRecord, JobStatus, JobStore, is_job_id
 from shared.settings import Settings
 
 
@@ -55,3 +55,13 @@ def find_job(job_id: str, request: Request) -> JobRecord:
     if job is None:
         raise HTTPException(404, f"no job {job_id!r} (unknown, or expired)")
     return job
+
+
+Job = Annotated[JobRecord, Depends(find_job)]  # a route's job, named by the path's {job_id}, or 404
+
+
+def require_succeeded(job: JobRecord) -> None:
+    """A job's outputs are served once it has succeeded: 409 with its status (and error) before."""
+    if job.status != JobStatus.succeeded:
+        reason = f": {job.error}" if job.error else ""
+        raise HTTPException(409, f"job is {job.status.value}{reason}; outputs exist once it has succeeded")

@@ -1,5 +1,5 @@
 """The served model's shape, read from its open_clip config file without importing torch (the gateway
-stays light): how many layers a job may ask for and how long a caption may be."""
+stays light): how many layers a job may ask for, how long a caption may be, and its input's patch grid."""
 
 from __future__ import annotations
 
@@ -23,7 +23,14 @@ def describe_model(settings: Settings) -> ModelInfo:
         note=DEMO_NOTE if settings.model == DEMO_MODEL else None,
         layers=config["vision_cfg"]["layers"] if config else None,
         max_seq_len=config["text_cfg"].get("context_length", 77) if config else None,
+        image_size=_pair(config["vision_cfg"]["image_size"]) if config else None,
+        patch_size=_pair(config["vision_cfg"]["patch_size"]) if config else None,
     )
+
+
+def _pair(size: int | list[int]) -> list[int]:
+    """open_clip's size: one number (square) or (height, width)."""
+    return [size, size] if isinstance(size, int) else list(size)
 
 
 def _config(name: str) -> dict | None:

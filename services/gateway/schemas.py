@@ -143,6 +143,9 @@ class ModelInfo(BaseModel):
     note: str | None = Field(None, description="what a user should know about this model (e.g. the demo model's scope)")
     layers: int | None = Field(description="vision blocks (captionable layers); null when the config is unknown")
     max_seq_len: int | None = Field(description="longest caption the text tower allows, start token included")
+    image_size: list[int] | None = Field(None, description="the vision tower's input height, width (px)")
+    patch_size: list[int] | None = Field(None, description="its patches' height, width (px): the grid regions and"
+                                                           " attributions are in")
 
 
 class Limits(BaseModel):
@@ -183,3 +186,19 @@ class OptionsOut(BaseModel):
 
 def _utc(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+
+class AttributionMap(BaseModel):
+    """One caption's word -> patch maps (shared.attributions): which patches of its layer each token was
+    read from. Place the grid on the image through `input_box`."""
+
+    image: str = Field(description="the image's id, as in the results")
+    layer: int = Field(description="the vision layer of the caption")
+    region: int | None = Field(description="the region's index in the image's `regions`; null: the whole image")
+    grid: list[int] = Field(min_length=2, max_length=2, description="[gh, gw]: patch rows and columns")
+    input_box: list[float] = Field(min_length=4, max_length=4,
+                                   description="x0, y0, x1, y1: the part of the image (its own pixels) the grid covers")
+    tokens: list[str] = Field(description="the caption's tokens, each as the tokenizer decodes it alone (a word's"
+                                          " last token ends with a space)")
+    maps: list[list[float]] = Field(description="per token, its map: gh*gw shares, row-major, summing to 1")
+    method: str = Field(description="how the maps were made")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from services.gateway.backends import usable_backends
-from services.gateway.deps import Gateway, find_job, gateway
+from services.gateway.deps import Gateway, Job, gateway, require_succeeded
 from services.gateway.schemas import (
     Deleted,
     FieldError,
@@ -34,10 +33,9 @@ from services.gateway.uploads import (
 from shared.heartbeat import WorkerBeat, live_workers
 from shared.jobs import ACTIVE, STAGE_COUNTER, STAGES, JobOptions, JobRecord, JobStatus, new_job_id
 from shared.queue import cancel_queued
+from shared.regions import RegionError, check_coverable
 from shared.schemas import resolve_layers
 from shared.taxonomy import load_taxonomy
-
-Job = Annotated[JobRecord, Depends(find_job)]  # the job named by the path's {job_id}, or 404
 
 # The API key check (and its 401) is added by the app when keys are configured.
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=errors(503))
@@ -127,6 +125,11 @@ def _checked_options(options: JobOptions, gw: Gateway) -> JobOptions:
     if max_len is not None and options.decode.seq_len > max_len:
         raise FieldError(422, f"bad options at decode.seq_len: {gw.model.name} allows at most {max_len}",
                          "options.decode.seq_len")
+    if options.regions and gw.model.image_size and gw.model.patch_size:
+        try:
+            check_coverable(options.regions, gw.model.image_size, gw.model.patch_size)
+        except RegionError as e:
+            raise FieldError(422, f"bad options at regions: {e} ({gw.model.name})", "options.regions") from e
     backend = options.backend or gw.settings.categorizer_backend
     checked = options.model_copy(update={"layers": layers, "backend": backend})
     check_backend(gw, checked)
@@ -221,9 +224,7 @@ def _file(request: Request, job: JobRecord, name: str) -> FileResponse:
 
 
 def _output(request: Request, job: JobRecord, name: str) -> Path:
-    if job.status != JobStatus.succeeded:
-        reason = f": {job.error}" if job.error else ""
-        raise HTTPException(409, f"job is {job.status.value}{reason}; outputs exist once it has succeeded")
+    require_succeeded(job)
     path = gateway(request).store.output(job.id, name)
     if not path.is_file():
         raise HTTPException(404, f"no {name} (expired, deleted, or not made: see the job's warnings)")
