@@ -410,8 +410,8 @@ export class ResultsView {
    * each caption's words show their map on hover (or focus the caption and use the arrow keys).
    */
   ladder(layers, { what, describedBy = null, heat = null }) {
-    const { palette, job } = this.state;
-    const categorized = job.options.categorize;
+    const { palette } = this.state;
+    const categorized = layers.some((l) => Array.isArray(l.phrases) || l.label_error); // regions' captions are not
     const rows = layers.map((l) => {
       const e = Number.isFinite(l.mean_entropy) ? l.mean_entropy : null;
       const width = e === null ? 0 : Math.min(100, (e / MAX_ENTROPY_BITS) * 100);

@@ -179,7 +179,9 @@ export class ImageSpatial {
         `captioned ${p.captioned}/${p.total}`;
     };
     try {
-      const { job, record } = await this.runJob({ regions: [`region=${box.join(",")}`] }, alive, onJob);
+      // Regions' captions are not labelled: the job skips the categorizer.
+      const { job, record } = await this.runJob({ regions: [`region=${box.join(",")}`], categorize: false }, alive,
+        onJob);
       if (!job) return;
       const { ladder, read } = this.regionLadder(job, record, 0);
       panel.querySelector("h4").textContent = `Region ${record.regions[0].box.map((v) => Math.round(v)).join(", ")} px`;
