@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from services.decoder import attribution
-from services.decoder.grounding import caption_grounded
-from services.decoder.regions import attribution_parts, region_results, split_regions, with_regions
-from services.decoder.stage import decode_layers, layer_captions
+from services.decoder.captions import caption_batch, write_maps
+from services.decoder.regions import region_results
+from services.encoder.stage import Encoded
 from services.tasks import ChunkOutcome, Context, loaded_model, run_chunk
-from shared.attributions import attribution_path, write_attributions
 from shared.jobs import JobRecord
-from shared.models import LoadedModel
-from shared.schemas import ImageResult, LayerCaption
+from shared.schemas import ImageResult
 
 
 def decode_chunk(job_id: str, chunk: int) -> None:
@@ -28,36 +25,25 @@ def decode_chunk(job_id: str, chunk: int) -> None:
 def _decode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     lm = loaded_model("decoder")
     latents, info = ctx.store.read_latents(job.id, chunk)
-    regions, ids = job.options.regions, info["encoded"]
+    options, ids = job.options, info["encoded"]
     fields: dict[str, dict] = {}  # image id -> its result's fields
     grounding: tuple[dict, dict] = ({}, {"ids": [], "prior": {}})  # what the finish step reads
     if latents is not None:
-        n, layers = len(ids), info["layers"]
-        image = ctx.store.read_tensors(job.id, "image_embeddings", chunk)[0]["image"] if job.options.grounding else None
-        row_ids = ids
-        if regions:  # each image's regions' rows follow the images' rows
-            region_latents = ctx.store.read_tensors(job.id, "region_latents", chunk)[0]["latents"]  # [L, n, R, Q-1, D]
-            latents, row_ids, image = with_regions(latents, region_latents, ids, regions, image)
-        args = (layers, row_ids, job.options.decode, ctx.settings.decode_batch)
-        attend = job.options.attributions
-        if job.options.grounding:
-            grounded = caption_grounded(lm, latents, image, *args, attention=attend)
-            per_row, attention = grounded.captions, grounded.cross_attention
-            grounding = ({"image": grounded.image_embeddings[:n], "text": grounded.text_embeddings[:n]},
-                         {"ids": ids, "prior": grounded.null_captions})  # the ranks are the whole images' only
-        else:
-            decoded = decode_layers(lm, latents, *args, attention=attend)
-            per_row = layer_captions(decoded, layers, len(row_ids))
-            attention = [d.cross_attention for d in decoded]
-        per_image, per_region = split_regions(per_row, n)
-        if attend:
-            _write_attributions(ctx, job, chunk, lm, info, per_image, per_region, attention)
-        for j, (image_id, captions, region_captions) in enumerate(zip(ids, per_image, per_region)):
+        encoded = _read_encoded(ctx, job, chunk, latents)
+        captioned = caption_batch(lm, encoded, info["layers"], ids, options.regions, options.decode,
+                                  ctx.settings.decode_batch, options.grounding, options.attributions)
+        if options.grounding:
+            text, image = captioned.ranked_embeddings()
+            grounding = ({"image": image, "text": text}, {"ids": ids, "prior": captioned.grounded.null_captions})
+        if options.attributions:
+            write_maps(lm, ctx.store.attributions(job.id), ids, info["input_box"], captioned, encoded.pool_attention)
+        for j, (image_id, captions, region_captions) in enumerate(zip(ids, captioned.captions,
+                                                                      captioned.region_captions)):
             fields[image_id] = dict(
                 layers=captions, size=info["sizes"][j], input_box=info["input_box"][j],
-                regions=region_results(regions, info["region_boxes"][j], info["region_patches"][j],
-                                       region_captions) if regions else None)
-    if job.options.grounding:
+                regions=region_results(options.regions, info["region_boxes"][j], info["region_patches"][j],
+                                       region_captions) if options.regions else None)
+    if options.grounding:
         ctx.store.write_tensors(job.id, "grounding", chunk, *grounding)
     results = [ImageResult(id=item["id"], source=item["source"], meta=item["meta"],
                            **fields.get(item["id"], {"error": item["error"] or "not encoded"}))
@@ -66,13 +52,9 @@ def _decode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     return ChunkOutcome(images=len(results))
 
 
-def _write_attributions(ctx: Context, job: JobRecord, chunk: int, lm: LoadedModel, info: dict,
-                        captions: list[list[LayerCaption]], region_captions: list[list[list[LayerCaption]]],
-                        attention: list[torch.Tensor]) -> None:
-    """Compose the chunk's maps with the pooler's attention the encoder task stored; one file per image."""
-    pooler, _ = ctx.store.read_tensors(job.id, "pool_attention", chunk)  # [L, n, 1+R, Q-1, T]
-    grid = tuple(lm.model.visual.grid_size)
-    parts = attribution_parts(captions, region_captions, attention, pooler["pool_attention"])
-    for image_id, box, image_parts in zip(info["encoded"], info["input_box"], parts):
-        maps = attribution.attributions(lm.tokenizer, grid, tuple(box), image_parts)
-        write_attributions(attribution_path(ctx.store.attributions(job.id), image_id), maps)
+def _read_encoded(ctx: Context, job: JobRecord, chunk: int, latents: torch.Tensor) -> Encoded:
+    """The chunk's latents and what the encoder task stored beside them (services.encoder.worker)."""
+    wanted = {"image_embeddings": job.options.grounding, "region_latents": bool(job.options.regions),
+              "pool_attention": job.options.attributions}
+    return Encoded(latents, **{kind: ctx.store.read_tensors(job.id, kind, chunk)[0][kind]
+                               for kind, on in wanted.items() if on})

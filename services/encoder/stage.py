@@ -24,12 +24,14 @@ captures the whole tower for it (`with_last`) and takes it from the same pooler 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from PIL import Image
 
+from services.encoder.regions import with_whole_image
 from shared.blocks import Block, cached
 from shared.images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, decode_image
 from shared.models import LoadedModel
@@ -219,3 +221,50 @@ def encode_grounded(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pixels [N, 3, H, W] -> (latents [L, N, Q-1, D], image embeddings [N, E]); see `pool_grounded`."""
     return pool_grounded(visual, capture_blocks(visual, pixels, with_last(visual, layers)), layers)
+
+
+@dataclass
+class Encoded:
+    """What the decoder stage reads of a batch of n images (services.decoder.captions.caption_batch)."""
+
+    latents: torch.Tensor  # [L, n, Q-1, D] the decoder's tokens of each selected layer
+    image_embeddings: torch.Tensor | None = None  # [n, E] contrastive image embeddings (grounding)
+    region_latents: torch.Tensor | None = None  # [L, n, R, Q-1, D] (regions)
+    pool_attention: torch.Tensor | None = None  # [L, n, 1+R, Q-1, T] whole image, then regions (attributions)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The parts that are there, by name."""
+        return {f.name: t for f in fields(self) if (t := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def cat(cls, parts: list[Encoded]) -> Encoded:
+        """Batches of images -> one, along each part's image dimension."""
+        return cls(**{name: torch.cat([p.tensors()[name] for p in parts], dim=0 if name == "image_embeddings" else 1)
+                      for name in parts[0].tensors()})
+
+
+def captured_layers(visual: VisionTransformer, layers: list[int], grounding: bool) -> list[int]:
+    """The blocks `pool_encoded` needs captured: with grounding, also the tower's last (`with_last`)."""
+    return with_last(visual, layers) if grounding else layers
+
+
+@torch.inference_mode()
+def pool_encoded(
+    visual: VisionTransformer, hidden: torch.Tensor, layers: list[int], grounding: bool = False,
+    key_mask: torch.Tensor | None = None, attributions: bool = False,
+) -> Encoded:
+    """hidden [L', n, T, C] from `capture_blocks(visual, pixels, captured_layers(...))` -> everything the
+    decoder stage reads: the latents, with grounding the image embeddings, with a key mask [n, R, T] the
+    regions' latents, with attributions the pooler's weights over the whole image and each region."""
+    L = len(layers)
+    if grounding:
+        encoded = Encoded(*pool_grounded(visual, hidden, layers))
+    else:
+        encoded = Encoded(pool_layers(visual, hidden))
+    if key_mask is not None:
+        key_mask = key_mask.to(hidden.device)
+        encoded.region_latents = pool_regions(visual, hidden[:L], key_mask)[0]
+    if attributions:
+        keys = with_whole_image(key_mask, hidden.shape[1], hidden.shape[2], hidden.device)  # [n, 1+R, T]
+        encoded.pool_attention = pool_regions(visual, hidden[:L], keys, weights=True)[1]
+    return encoded

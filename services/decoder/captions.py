@@ -1,0 +1,71 @@
+"""The decoder stage on one encoded batch, as the in-process pipeline and the decoder worker both run it:
+
+    Encoded (services.encoder.stage.pool_encoded)
+      -> the images' rows, then their regions' rows (services.decoder.regions.with_regions)
+      -> one decode, grounded (services.decoder.grounding) or not, keeping the cross-attention on request
+      -> per image its captions at every layer, and its regions'
+and, with attributions, each image's word -> patch maps (services.decoder.attribution) written to one
+file per image (shared.attributions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.decoder import attribution
+from services.decoder.grounding import Grounded, caption_grounded
+from services.decoder.regions import attribution_parts, split_regions, with_regions
+from services.decoder.stage import decode_layers, layer_captions
+from services.encoder.stage import Encoded
+from shared.attributions import attribution_path, write_attributions
+from shared.models import LoadedModel
+from shared.regions import Region
+from shared.schemas import DecodeParams, LayerCaption
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class CaptionedBatch:
+    captions: list[list[LayerCaption]]  # per image, per layer
+    region_captions: list[list[list[LayerCaption]]]  # per image, per region, per layer
+    grounded: Grounded | None  # with grounding: every row's embeddings (the images' rows first) and the prior
+    cross_attention: list | None  # with attention: per decoded row (images' then regions', L each) [steps, Q-1]
+
+    def ranked_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text [n, L, E], image [n, E]) of the whole images: the retrieval ranks are theirs only."""
+        n = len(self.captions)
+        return self.grounded.text_embeddings[:n], self.grounded.image_embeddings[:n]
+
+
+def caption_batch(
+    lm: LoadedModel, encoded: Encoded, layers: list[int], ids: list[str], regions: list[Region],
+    params: DecodeParams, batch_rows: int, grounding: bool, attention: bool,
+) -> CaptionedBatch:
+    """Caption n images (`ids`, in `encoded`'s order) and their regions at every layer, in one decode."""
+    latents, row_ids, image = encoded.latents, ids, encoded.image_embeddings
+    if regions:  # each image's regions' rows follow the images' rows
+        latents, row_ids, image = with_regions(latents, encoded.region_latents, ids, regions, image)
+    grounded = None
+    if grounding:
+        grounded = caption_grounded(lm, latents, image, layers, row_ids, params, batch_rows, attention)
+        per_row, cross = grounded.captions, grounded.cross_attention
+    else:
+        decoded = decode_layers(lm, latents, layers, row_ids, params, batch_rows, attention)
+        per_row, cross = layer_captions(decoded, layers, len(row_ids)), [d.cross_attention for d in decoded]
+    per_image, per_region = split_regions(per_row, len(ids))
+    return CaptionedBatch(per_image, per_region, grounded, cross)
+
+
+def write_maps(lm: LoadedModel, out: Path, ids: list[str], input_boxes: list[Box], batch: CaptionedBatch,
+               pool_attention: torch.Tensor) -> None:
+    """Each image's word -> patch maps (its captions', then its regions'), composed with the pooler's
+    attention [L, n, 1+R, Q-1, T] (`Encoded.pool_attention`), to out/<id>.safetensors."""
+    grid = tuple(lm.model.visual.grid_size)
+    parts = attribution_parts(batch.captions, batch.region_captions, batch.cross_attention, pool_attention)
+    for image_id, box, image_parts in zip(ids, input_boxes, parts, strict=True):
+        maps = attribution.attributions(lm.tokenizer, grid, tuple(box), image_parts)
+        write_attributions(attribution_path(out, image_id), maps)
