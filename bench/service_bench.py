@@ -37,9 +37,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, device_name, report, sync  # noqa: E402
-from services.cli_common import add_model_args, model_from_args  # noqa: E402
+from services.cli.common import add_model_args, model_from_args  # noqa: E402
+from services.cli.serve import die_with_parent, worker_threads  # noqa: E402
 from services.pipeline import verbalize  # noqa: E402
-from services.stack import die_with_parent, worker_threads  # noqa: E402
 from shared.images import ImageItem  # noqa: E402
 from shared.settings import get_settings  # noqa: E402
 

@@ -93,7 +93,7 @@ def enqueue(client: redis.Redis, settings: Settings, stage: str, job_id: str, ch
 
 def cancel_queued(client: redis.Redis, job_id: str, chunks: int) -> None:
     """Take a job's waiting tasks off the queues. A running task finishes, then finds the job cancelled
-    and drops what it wrote (services.tasks)."""
+    and drops what it wrote (services.chain.tasks)."""
     ids = [task_id(job_id, stage, chunk) for stage in STAGES for chunk in range(chunks)]
     for task in Job.fetch_many(ids, connection=client):
         if task is not None and task.get_status(refresh=False) in ("queued", "scheduled", "deferred"):

@@ -21,7 +21,7 @@ import pytest
 import redis
 from PIL import Image
 
-from services.stack import die_with_parent
+from services.cli.serve import die_with_parent
 
 API_KEY = "test-key"
 TINY = ["--model", "coca_tiny", "--pretrained", "none", "--device", "cpu"]

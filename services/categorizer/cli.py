@@ -43,7 +43,7 @@ STRUCTURED = ["auto", "json_schema", "json_object", "none"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # services/cli.py registers both commands on this module; the subparser's prog names the command.
+    # services/cli/__init__.py registers both commands on this module; the subparser's prog names the command.
     {"categorize": _categorize_arguments, "analyze": _analyze_arguments}[parser.prog.split()[-1]](parser)
 
 

@@ -3,7 +3,7 @@ labelled phrases. A labeler is built once per backend per process and kept.
 
 Labelling never costs a job its captions: a caption whose labelling failed keeps its caption and
 entropies with `label_error`, and when the labeler fails as a whole (e.g. the LLM server unreachable
-after its retries) every caption of the chunk gets that reason and the job goes on (services.finish
+after its retries) every caption of the chunk gets that reason and the job goes on (services.chain.finish
 then ends it with a warning)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from services.categorizer.models import CaptionLabels, LabeledCaption, LabeledResult
 from services.categorizer.stage import Backend, Labeler, categorize, make_labeler
-from services.tasks import ChunkOutcome, Context, run_chunk
+from services.chain.tasks import ChunkOutcome, Context, run_chunk
 from shared.jobs import JobRecord
 from shared.schemas import ImageResult
 

@@ -1,5 +1,5 @@
 """RQ task of the decoder stage: a chunk's latents -> one caption per layer per image (ImageResult
-lines, per-image errors carried through). The worker process loads the model once (`services.tasks.use_model`).
+lines, per-image errors carried through). The worker process loads the model once (`services.chain.tasks.use_model`).
 A grounded job's captions carry their grounding measures, and the chunk's image and text embeddings
 and the gray image's captions go to the artifact store for the job's finish step (the ranks). A job's
 regions are captioned in the same decode as its images (services.decoder.regions). With
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from services.chain.tasks import ChunkOutcome, Context, loaded_model, run_chunk
 from services.decoder.captions import caption_batch, write_maps
 from services.decoder.regions import region_results
 from services.encoder.stage import Encoded
-from services.tasks import ChunkOutcome, Context, loaded_model, run_chunk
 from shared.jobs import JobRecord
 from shared.schemas import ImageResult
 

@@ -24,10 +24,10 @@ from services.categorizer.analysis import Analysis, analyze
 from services.categorizer.files import write_labels
 from services.categorizer.report import write_report
 from services.categorizer.stage import categorize_layers, make_labeler
-from services.cli_common import add_model_args, model_from_args
+from services.cli.common import add_model_args, model_from_args
+from services.cli.verbalize import write_run
 from services.demo.evaluate import layer_shares
 from services.demo.synth import MANIFEST, Scene, read_manifest, write_dataset
-from services.pipeline_cli import write_run
 from shared.grounding import grounding_outputs, read_references, read_results
 from shared.images import iter_items
 from shared.models import ModelError

@@ -2,15 +2,15 @@
 the job is grounded, the images' contrastive embeddings beside them; with regions, each region's latents;
 with attributions, the pooler's attention weights, which the decoder task composes into word -> patch maps).
 An image where a region covers no patch is a per-image error, as an unreadable one.
-The worker process loads the model once (`services.tasks.use_model`); RQ then calls `encode_chunk` per chunk."""
+The worker process loads the model once (`services.chain.tasks.use_model`); RQ then calls `encode_chunk` per chunk."""
 
 from __future__ import annotations
 
 import torch
 
+from services.chain.tasks import ChunkOutcome, Context, loaded_model, run_chunk
 from services.encoder.regions import place
 from services.encoder.stage import Encoded, capture_blocks, captured_layers, check_layers, load_pixels, pool_encoded
-from services.tasks import ChunkOutcome, Context, loaded_model, run_chunk
 from shared.jobs import JobRecord
 
 

@@ -14,8 +14,8 @@ import time
 
 import redis
 
-from services.cli_common import add_model_args, model_from_args
-from services.tasks import use_model
+from services.chain.tasks import use_model
+from services.cli.common import add_model_args, model_from_args
 from shared.heartbeat import Heartbeat, served
 from shared.models import ModelError
 from shared.queue import ROLES, LeaseWorker, connect, queue, redis_url

@@ -5,7 +5,7 @@
        writes the chunk's output (atomically, under a fixed name: a rerun replaces it);
     3. the next stage's task for this chunk is queued (once, whatever the reruns);
     4. the chunk is counted at this stage (once); whoever counts the last chunk at the job's final
-       stage finishes the job (services.finish writes results.jsonl, summary, figures).
+       stage finishes the job (services.chain.finish writes results.jsonl, summary, figures).
 
 A ValueError from the work is bad input no retry can fix: the job fails at once with its message.
 Any other exception propagates to RQ, which retries the task with backoff (shared.queue).
@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import redis
 
-from services.finish import write_outputs
+from services.chain.finish import write_outputs
 from shared.artifacts import ArtifactStore
 from shared.jobs import JobRecord, JobStatus, JobStore
 from shared.models import LoadedModel

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.cli_common import (
+from services.cli.common import (
     add_decode_args,
     add_model_args,
     decode_params_from_args,

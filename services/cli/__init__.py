@@ -26,17 +26,17 @@ use e.g. --model coca_ViT-L-14 (weights mscoco_finetuned_laion2b_s13b_b90k, down
 
 # command -> module defining `add_arguments(parser)` and `run(args) -> int`
 COMMANDS: dict[str, tuple[str, str]] = {
-    "verbalize": ("services.pipeline_cli", "caption every selected layer of images, dirs or .tar shards"),
+    "verbalize": ("services.cli.verbalize", "caption every selected layer of images, dirs or .tar shards"),
     "synth": ("services.demo.synth", "write synthetic scenes (PNG) with captions and attributes (manifest.jsonl)"),
     "train-demo": ("services.demo.train", "train the offline demo CoCa on synthetic scenes"),
     "demo": ("services.demo.cli", "offline main job: sample scenes -> every layer's caption -> report"),
     "categorize": ("services.categorizer.cli", "label every caption's phrases with the taxonomy (embedded or LLM)"),
     "analyze": ("services.categorizer.cli", "per-layer class distribution, figure and summary of labelled captions"),
     # --- the service (issue 5) ---
-    "serve": ("services.stack", "the whole service on this machine: redis, gateway, encoder/decoder/categorizer"),
+    "serve": ("services.cli.serve", "the whole service on this machine: redis, gateway, encoder/decoder/categorizer"),
     "gateway": ("services.gateway.cli", "the HTTP gateway alone"),
-    "worker": ("services.worker_cli", "one worker process: encoder | decoder | categorizer"),
-    "healthcheck": ("services.healthcheck", "exit 0 when the gateway or this host's worker of a stage is healthy"),
+    "worker": ("services.cli.worker", "one worker process: encoder | decoder | categorizer"),
+    "healthcheck": ("services.cli.healthcheck", "exit 0 when the gateway or this host's worker of a stage is healthy"),
 }
 
 
@@ -55,7 +55,3 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
     return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import httpx
 import redis
 
-from services.cli_common import add_model_args
+from services.cli.common import add_model_args
 from shared.queue import ROLES
 from shared.settings import get_settings
 
