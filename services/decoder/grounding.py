@@ -35,9 +35,9 @@ from torch import nn
 
 from services.decoder import null_cache
 from services.decoder.null_cache import NullCaption
-from services.decoder.stage import decode, layer_captions, row_key
+from services.decoder.stage import decode, layer_captions, layer_rows, row_keys
 from services.encoder.stage import encode
-from shared.artifacts import ArtifactStore
+from shared.artifacts import ArtifactStore, write_atomic
 from shared.jobs import JobRecord
 from shared.models import LoadedModel
 from shared.schemas import DecodeParams, LayerCaption
@@ -80,8 +80,7 @@ def caption_grounded(
     at every layer with image_score, prior, prior_overlap and last_layer_similarity; `attention`: with
     each caption's cross-attention (services.decoder.stage.decode)."""
     L, n = latents.shape[:2]
-    rows = latents.transpose(0, 1).reshape(n * L, *latents.shape[2:])  # [n*L, N, D]
-    ids = [(i, layer) for i in image_ids for layer in layers]
+    rows, ids = layer_rows(latents, image_ids, layers)  # [n*L, N, D]
     kept = _null.setdefault(lm.model, {})
     key = (null_cache.weights_fingerprint(lm.model), lm.dtype, lm.device.type, tuple(layers), params)
     null = kept.get(key)
@@ -92,8 +91,7 @@ def caption_grounded(
         if null is None:  # the gray image's rows ride along with this batch
             rows = torch.cat([rows, encode(lm.model.visual, gray, layers)[:, 0].to(rows)])  # + [L, N, D]
             ids += [(_NULL_ROW_ID, layer) for layer in layers]
-    keys = torch.tensor([row_key(i, layer) for i, layer in ids], dtype=torch.long)
-    decoded = decode(lm, rows, params, keys, batch_rows, embed_text=True, attention=attention)
+    decoded = decode(lm, rows, params, row_keys(ids), batch_rows, embed_text=True, attention=attention)
     if null is None:
         null = [NullCaption(d.text, d.tokens) for d in decoded[n * L :]]
         null_cache.write(entry, lm.name, layers, null)
@@ -198,9 +196,7 @@ def rewrite_with_ranks(path: Path, ranks: dict[str, tuple[list[int], int]]) -> N
 
 def write_prior(path: Path, null_captions: dict[str, str]) -> None:
     """prior.json: {"layer_<i>": the gray image's caption} (whole or not at all)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(null_captions, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(null_captions, indent=1).encode())
 
 
 def rank_job(store: ArtifactStore, job: JobRecord, results_path: Path) -> None:

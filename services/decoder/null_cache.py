@@ -12,13 +12,10 @@ logged once, and the run goes on without it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
-import os
-import uuid
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ import open_clip
 import torch
 from torch import nn
 
+from shared.artifacts import write_atomic
 from shared.models import LoadedModel
 from shared.schemas import DecodeParams
 from shared.settings import get_settings
@@ -141,17 +139,11 @@ def write(name: str, model: str, layers: Sequence[int], null: Sequence[NullCapti
     """Keep the captions (one per layer) under `name`; never raises: an unwritable directory is logged
     once per process."""
     folder = directory()
-    path = folder / f"{name}.json"
-    tmp = folder / f".{path.name}.{uuid.uuid4().hex}.tmp"
     entry = {"model": model, "captions": {f"layer_{layer}": {"text": c.text, "tokens": c.tokens}
                                           for layer, c in zip(layers, null)}}
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, path)
+        write_atomic(folder / f"{name}.json", json.dumps(entry).encode())
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         if folder not in _unwritable:
             _unwritable.add(folder)
             log.warning("cannot keep the gray image's captions in %s (%s): each new process decodes them again",

@@ -3,7 +3,7 @@
 The encoder stage gives every image's latents [L, n, Q-1, D] and, with regions, each region's
 [L, n, R, Q-1, D] (services.encoder.stage.pool_regions). A region is decoded as one more "image": its
 rows follow the n images' rows, with its own sampling key (the image's id and the region's label), so
-`caption_layers` and `caption_grounded` caption them unchanged. With grounding, a region's caption is
+`decode_layers` and `caption_grounded` caption them unchanged. With grounding, a region's caption is
 scored against its WHOLE image's embedding (the model has no embedding of a region), compared with the
 gray image's caption at its layer (the prior) and with the same region's caption at the deepest layer.
 """

@@ -121,10 +121,19 @@ def decode_layers(
 ) -> list[Decoded]:
     """latents [L, n, N, D] -> n x L decoded rows, image-major (image i's layer j is row i*L + j), all
     decoded together; `attention`: with their cross-attention (`decode`)."""
+    rows, ids = layer_rows(latents, image_ids, layers)
+    return decode(lm, rows, params, row_keys(ids), batch_rows, attention=attention)
+
+
+def layer_rows(latents: torch.Tensor, image_ids: list[str], layers: list[int]) -> tuple[torch.Tensor, list]:
+    """latents [L, n, N, D] -> image-major rows [n*L, N, D] and each row's (image id, layer)."""
     L, n = latents.shape[:2]
-    rows = latents.transpose(0, 1).reshape(n * L, *latents.shape[2:])  # [n*L, N, D]
-    keys = torch.tensor([row_key(i, layer) for i in image_ids for layer in layers], dtype=torch.long)
-    return decode(lm, rows, params, keys, batch_rows, attention=attention)
+    return latents.transpose(0, 1).reshape(n * L, *latents.shape[2:]), [(i, lay) for i in image_ids for lay in layers]
+
+
+def row_keys(ids: list[tuple[str, int]]) -> torch.Tensor:
+    """Rows' (image id, layer) -> their sampling keys [R] int64 (`row_key`)."""
+    return torch.tensor([row_key(i, layer) for i, layer in ids], dtype=torch.long)
 
 
 def layer_captions(decoded: list[Decoded], layers: list[int], n: int) -> list[list[LayerCaption]]:
