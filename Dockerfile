@@ -36,7 +36,8 @@ RUN --mount=type=cache,target=/root/.cache/pip pip install --upgrade pip
 # The project's sources only (see .dockerignore): a stage to bind-mount from, so editing a source file does
 # not invalidate the torch layers above.
 FROM scratch AS src
-COPY pyproject.toml README.md* /src/
+COPY pyproject.toml setup.py README.md* /src/
+COPY latent_verbalizer /src/latent_verbalizer
 COPY shared /src/shared
 COPY services /src/services
 

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, device_name, report  # noqa: E402
 from bench.grounding_overhead import random_items  # noqa: E402
-from services.demo.evaluate import scene_items  # noqa: E402
-from services.demo.spatial import pointing_hits  # noqa: E402
-from services.encoder.regions import input_box  # noqa: E402
-from services.pipeline import verbalize  # noqa: E402
-from shared.images import ImageItem, decode_image  # noqa: E402
-from shared.models import LoadedModel, load_model  # noqa: E402
-from shared.settings import DEMO_MODEL, DEMO_PRETRAINED  # noqa: E402
+from latent_verbalizer.services.demo.evaluate import scene_items  # noqa: E402
+from latent_verbalizer.services.demo.spatial import pointing_hits  # noqa: E402
+from latent_verbalizer.services.encoder.regions import input_box  # noqa: E402
+from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
+from latent_verbalizer.shared.images import ImageItem, decode_image  # noqa: E402
+from latent_verbalizer.shared.models import LoadedModel, load_model  # noqa: E402
+from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED  # noqa: E402
 from tests import open_clip_reference as reference  # noqa: E402
 
 SCENE_SEED = 2026  # not a training seed (bench.common.TRAINING_SEEDS)

@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.categorizer.analysis import Analysis, analyze  # noqa: E402
-from services.categorizer.files import read_captions  # noqa: E402
-from services.categorizer.reference import read_reference_labels  # noqa: E402
-from services.categorizer.stage import categorize, categorize_phrases, make_labeler  # noqa: E402
-from shared.taxonomy import load_taxonomy  # noqa: E402
+from latent_verbalizer.services.categorizer.analysis import Analysis, analyze  # noqa: E402
+from latent_verbalizer.services.categorizer.files import read_captions  # noqa: E402
+from latent_verbalizer.services.categorizer.reference import read_reference_labels  # noqa: E402
+from latent_verbalizer.services.categorizer.stage import categorize, categorize_phrases, make_labeler  # noqa: E402
+from latent_verbalizer.shared.taxonomy import load_taxonomy  # noqa: E402
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed"
 

@@ -24,7 +24,7 @@ TRAINING_SEEDS = (0, 1)  # the demo model's training scenes (seed 0) and its che
 def scene_parser(description: str, seed: int) -> argparse.ArgumentParser:
     """base_parser plus the synthetic-scene benches' options: --n, --seed (refused if a training seed), and
     the model (default: the shipped demo model). Parse with `parse_scene_args`."""
-    from shared.settings import DEMO_MODEL, DEMO_PRETRAINED
+    from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED
 
     p = base_parser(description)
     p.add_argument("--n", type=int, default=200, help="number of scenes")

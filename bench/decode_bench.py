@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, device_name, report, timed  # noqa: E402
-from services.decoder.stage import decode  # noqa: E402
-from services.encoder.stage import encode  # noqa: E402
-from shared.models import load_model  # noqa: E402
-from shared.schemas import DecodeParams  # noqa: E402
+from latent_verbalizer.services.decoder.stage import decode  # noqa: E402
+from latent_verbalizer.services.encoder.stage import encode  # noqa: E402
+from latent_verbalizer.shared.models import load_model  # noqa: E402
+from latent_verbalizer.shared.schemas import DecodeParams  # noqa: E402
 
 
 def main() -> None:

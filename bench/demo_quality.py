@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_scene_args, scene_parser  # noqa: E402
-from services.demo.evaluate import layer_shares, scene_items  # noqa: E402
-from services.pipeline import verbalize  # noqa: E402
-from shared.models import load_model  # noqa: E402
+from latent_verbalizer.services.demo.evaluate import layer_shares, scene_items  # noqa: E402
+from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
+from latent_verbalizer.shared.models import load_model  # noqa: E402
 
 
 def main() -> int:

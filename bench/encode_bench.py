@@ -21,8 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, device_name, report, timed  # noqa: E402
-from services.encoder.stage import capture_blocks, check_layers, encode  # noqa: E402
-from shared.models import load_model  # noqa: E402
+from latent_verbalizer.services.encoder.stage import capture_blocks, check_layers, encode  # noqa: E402
+from latent_verbalizer.shared.models import load_model  # noqa: E402
 
 
 # torch's counter knows the CUDA attention kernels but not the CPU one that SDPA dispatches to.

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_scene_args, report, scene_parser  # noqa: E402
 from bench.grounding_overhead import measure, random_items  # noqa: E402
-from services.decoder.grounding import RunEmbeddings, with_ranks  # noqa: E402
-from services.demo.evaluate import layer_shares, scene_items  # noqa: E402
-from services.demo.scoring import score  # noqa: E402
-from services.pipeline import verbalize  # noqa: E402
-from shared.grounding import layer_grounding, write_grounding  # noqa: E402
-from shared.models import load_model  # noqa: E402
-from shared.schemas import ImageResult  # noqa: E402
+from latent_verbalizer.services.decoder.grounding import RunEmbeddings, with_ranks  # noqa: E402
+from latent_verbalizer.services.demo.evaluate import layer_shares, scene_items  # noqa: E402
+from latent_verbalizer.services.demo.scoring import score  # noqa: E402
+from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
+from latent_verbalizer.shared.grounding import layer_grounding, write_grounding  # noqa: E402
+from latent_verbalizer.shared.models import load_model  # noqa: E402
+from latent_verbalizer.shared.schemas import ImageResult  # noqa: E402
 
 TARGETS = {"correctness_auc": 0.85, "spearman_r1_vs_accuracy": 0.8, "final_layer_retrieval_r1": 0.6}
 

@@ -30,11 +30,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, device_name, report  # noqa: E402
-from services.decoder import null_cache  # noqa: E402
-from services.decoder.grounding import RunEmbeddings, forget_null_captions  # noqa: E402
-from services.pipeline import verbalize  # noqa: E402
-from shared.images import ImageItem  # noqa: E402
-from shared.models import LoadedModel, load_model  # noqa: E402
+from latent_verbalizer.services.decoder import null_cache  # noqa: E402
+from latent_verbalizer.services.decoder.grounding import RunEmbeddings, forget_null_captions  # noqa: E402
+from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
+from latent_verbalizer.shared.images import ImageItem  # noqa: E402
+from latent_verbalizer.shared.models import LoadedModel, load_model  # noqa: E402
 
 
 def random_items(n: int, seed: int = 0) -> list[ImageItem]:

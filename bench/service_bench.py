@@ -37,11 +37,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, device_name, report, sync  # noqa: E402
-from services.cli.common import add_model_args, model_from_args  # noqa: E402
-from services.cli.serve import die_with_parent, worker_threads  # noqa: E402
-from services.pipeline import verbalize  # noqa: E402
-from shared.images import ImageItem  # noqa: E402
-from shared.settings import get_settings  # noqa: E402
+from latent_verbalizer.services.cli.common import add_model_args, model_from_args  # noqa: E402
+from latent_verbalizer.services.cli.serve import die_with_parent, worker_threads  # noqa: E402
+from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
+from latent_verbalizer.shared.images import ImageItem  # noqa: E402
+from latent_verbalizer.shared.settings import get_settings  # noqa: E402
 
 READY_TIMEOUT_S = 300
 JOB_TIMEOUT_S = 300
@@ -108,7 +108,7 @@ class _stack:
         self.port = _free_port()
         self.env = dict(os.environ, LV_ARTIFACT_DIR=str(tmp / "artifacts"), LV_LOG_LEVEL="WARNING")
         self.env.pop("LV_REDIS_URL", None)
-        self.argv = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port),
+        self.argv = [sys.executable, "-m", "latent_verbalizer.services.cli", "serve", "--port", str(self.port),
                      "--model", args.model, "--pretrained", str(args.pretrained), "--device", args.device,
                      "--dtype", args.dtype]
         self.log = tmp / "serve.log"

@@ -34,15 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.attribution_bench import slowdown  # noqa: E402
 from bench.common import parse_scene_args, report, scene_parser  # noqa: E402
-from services.demo.evaluate import scene_items  # noqa: E402
-from services.demo.scoring import region_score  # noqa: E402
-from services.demo.spatial import object_box, pointing_hits  # noqa: E402
-from services.demo.synth import Scene  # noqa: E402
-from services.pipeline import verbalize  # noqa: E402
-from shared.attributions import Attributions, attribution_path, map_key, read_attributions  # noqa: E402
-from shared.models import load_model  # noqa: E402
-from shared.regions import Region  # noqa: E402
-from shared.schemas import ImageResult  # noqa: E402
+from latent_verbalizer.services.demo.evaluate import scene_items  # noqa: E402
+from latent_verbalizer.services.demo.scoring import region_score  # noqa: E402
+from latent_verbalizer.services.demo.spatial import object_box, pointing_hits  # noqa: E402
+from latent_verbalizer.services.demo.synth import Scene  # noqa: E402
+from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
+from latent_verbalizer.shared.attributions import Attributions, attribution_path, map_key, read_attributions  # noqa: E402
+from latent_verbalizer.shared.models import load_model  # noqa: E402
+from latent_verbalizer.shared.regions import Region  # noqa: E402
+from latent_verbalizer.shared.schemas import ImageResult  # noqa: E402
 
 TARGETS = {"region_color_shape_accuracy": 0.8, "pointing_game": 0.7}
 REGION_SCALE = 1.2  # each object's box grown 20% about its centre

@@ -29,15 +29,15 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.spatial_eval import object_regions  # noqa: E402
-from services.demo.evaluate import scene_items  # noqa: E402
-from services.demo.spatial import caption_words  # noqa: E402
-from services.demo.synth import COLORS, IMAGE_SIZE, Scene  # noqa: E402
-from services.pipeline import verbalize  # noqa: E402
-from shared.attributions import Attributions, attribution_path, map_key, read_attributions  # noqa: E402
-from shared.images import ImageItem  # noqa: E402
-from shared.models import load_model  # noqa: E402
-from shared.schemas import ImageResult  # noqa: E402
-from shared.settings import DEMO_MODEL, DEMO_PRETRAINED  # noqa: E402
+from latent_verbalizer.services.demo.evaluate import scene_items  # noqa: E402
+from latent_verbalizer.services.demo.spatial import caption_words  # noqa: E402
+from latent_verbalizer.services.demo.synth import COLORS, IMAGE_SIZE, Scene  # noqa: E402
+from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
+from latent_verbalizer.shared.attributions import Attributions, attribution_path, map_key, read_attributions  # noqa: E402
+from latent_verbalizer.shared.images import ImageItem  # noqa: E402
+from latent_verbalizer.shared.models import load_model  # noqa: E402
+from latent_verbalizer.shared.schemas import ImageResult  # noqa: E402
+from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED  # noqa: E402
 
 
 def three_colour_scene(seed: int) -> tuple[ImageItem, Scene]:

@@ -22,15 +22,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from services.decoder.captions import caption_batch, write_maps
-from services.decoder.grounding import RunEmbeddings
-from services.decoder.regions import region_results
-from services.encoder.regions import Located, place
-from services.encoder.stage import capture_blocks, captured_layers, check_layers, load_pixels, pool_encoded
-from shared.images import DEFAULT_MAX_PIXELS, ImageItem
-from shared.models import LoadedModel
-from shared.regions import Region
-from shared.schemas import DecodeParams, ImageResult, LayerCaption
+from latent_verbalizer.services.decoder.captions import caption_batch, write_maps
+from latent_verbalizer.services.decoder.grounding import RunEmbeddings
+from latent_verbalizer.services.decoder.regions import region_results
+from latent_verbalizer.services.encoder.regions import Located, place
+from latent_verbalizer.services.encoder.stage import (
+    capture_blocks,
+    captured_layers,
+    check_layers,
+    load_pixels,
+    pool_encoded,
+)
+from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.regions import Region
+from latent_verbalizer.shared.schemas import DecodeParams, ImageResult, LayerCaption
 
 
 def _batches(items: Iterable[ImageItem], size: int) -> Iterator[list[ImageItem]]:

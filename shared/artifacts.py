@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.images import ImageItem
+from latent_verbalizer.shared.images import ImageItem
 
 if TYPE_CHECKING:  # torch is imported only by the workers that handle tensors
     import torch

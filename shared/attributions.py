@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save
 
-from shared.artifacts import write_atomic
+from latent_verbalizer.shared.artifacts import write_atomic
 
 
 def map_key(layer: int, region: int | None = None) -> str:

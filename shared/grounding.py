@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from shared.schemas import ImageResult
+from latent_verbalizer.shared.schemas import ImageResult
 
 log = logging.getLogger(__name__)
 

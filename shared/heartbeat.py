@@ -21,10 +21,10 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, Field
 
-from shared.jobs import STAGES
-from shared.keys import Keys
-from shared.pretrained import NO_WEIGHTS, resolve_pretrained
-from shared.settings import Settings
+from latent_verbalizer.shared.jobs import STAGES
+from latent_verbalizer.shared.keys import Keys
+from latent_verbalizer.shared.pretrained import NO_WEIGHTS, resolve_pretrained
+from latent_verbalizer.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 

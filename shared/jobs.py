@@ -25,9 +25,9 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from shared.keys import Keys
-from shared.regions import MAX_REGIONS, Region, parse_regions
-from shared.schemas import DecodeParams
+from latent_verbalizer.shared.keys import Keys
+from latent_verbalizer.shared.regions import MAX_REGIONS, Region, parse_regions
+from latent_verbalizer.shared.schemas import DecodeParams
 
 STAGES = ("encode", "decode", "categorize")
 # Per stage, the job counter of images it has handled (per-image errors included).

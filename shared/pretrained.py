@@ -12,7 +12,7 @@ that is not the project's own."""
 
 from __future__ import annotations
 
-from shared.settings import DEMO_MODEL, DEMO_PRETRAINED
+from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED
 
 NO_WEIGHTS = "none"
 # The COCO-captioning fine-tune open_clip publishes for its CoCa architectures, spelled as open_clip lists it.

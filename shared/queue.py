@@ -26,19 +26,19 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.worker import WorkerStatus
 
-from shared.artifacts import ArtifactStore
-from shared.heartbeat import Heartbeat
-from shared.jobs import STAGES, JobStatus, JobStore
-from shared.keys import Keys
-from shared.settings import Settings, get_settings
+from latent_verbalizer.shared.artifacts import ArtifactStore
+from latent_verbalizer.shared.heartbeat import Heartbeat
+from latent_verbalizer.shared.jobs import STAGES, JobStatus, JobStore
+from latent_verbalizer.shared.keys import Keys
+from latent_verbalizer.shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 ROLES = {"encoder": "encode", "decoder": "decode", "categorizer": "categorize"}  # worker role -> its stage
 TASKS = {
-    "encode": "services.encoder.worker.encode_chunk",
-    "decode": "services.decoder.worker.decode_chunk",
-    "categorize": "services.categorizer.worker.categorize_chunk",
+    "encode": "latent_verbalizer.services.encoder.worker.encode_chunk",
+    "decode": "latent_verbalizer.services.decoder.worker.decode_chunk",
+    "categorize": "latent_verbalizer.services.categorizer.worker.categorize_chunk",
 }
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 # A worker's registration expires this long after its last heartbeat; an idle worker beats every
@@ -84,7 +84,7 @@ def enqueue(client: redis.Redis, settings: Settings, stage: str, job_id: str, ch
     stage_queue.enqueue_many([
         Queue.prepare_data(
             TASKS[stage], args=(job_id, chunk), job_id=tid, timeout=settings.task_timeout_s, retry=retry,
-            on_failure=Callback("shared.queue.on_task_failure"), result_ttl=settings.job_ttl_s,
+            on_failure=Callback("latent_verbalizer.shared.queue.on_task_failure"), result_ttl=settings.job_ttl_s,
             failure_ttl=settings.job_ttl_s, description=f"{stage} chunk {chunk} of job {job_id}",
         )
         for (chunk, tid), exist in zip(ids.items(), exists) if not exist

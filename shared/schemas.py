@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.regions import Region
+from latent_verbalizer.shared.regions import Region
 
 Strategy = Literal["greedy", "sample", "beam"]
 

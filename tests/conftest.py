@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from shared.models import LoadedModel, load_model  # noqa: E402
+from latent_verbalizer.shared.models import LoadedModel, load_model  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -21,7 +21,7 @@ import pytest
 import redis
 from PIL import Image
 
-from services.cli.serve import die_with_parent
+from latent_verbalizer.services.cli.serve import die_with_parent
 
 API_KEY = "test-key"
 TINY = ["--model", "coca_tiny", "--pretrained", "none", "--device", "cpu"]
@@ -90,7 +90,7 @@ def service(args: list[str], env: dict[str, str], log_path: Path, port: int, rea
     it is ready: `serve`, when every stage has a worker ready with the model (/readyz); a gateway alone, when
     the gateway itself is (/readyz?scope=gateway)."""
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "latent_verbalizer.services.cli", *args], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {API_KEY}"},
                           timeout=30)

@@ -9,13 +9,13 @@ import math
 
 import pytest
 
-from services.categorizer.analysis import analyze
-from services.categorizer.models import CaptionLabels, Phrase
-from services.categorizer.reference import parse_answer, read_reference_labels
-from services.categorizer.report import write_report
-from services.cli import main
-from shared.schemas import ImageResult, LayerCaption
-from shared.taxonomy import UNKNOWN, load_taxonomy
+from latent_verbalizer.services.categorizer.analysis import analyze
+from latent_verbalizer.services.categorizer.models import CaptionLabels, Phrase
+from latent_verbalizer.services.categorizer.reference import parse_answer, read_reference_labels
+from latent_verbalizer.services.categorizer.report import write_report
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
+from latent_verbalizer.shared.taxonomy import UNKNOWN, load_taxonomy
 
 
 def caption(*mains: str, error: str | None = None) -> CaptionLabels:

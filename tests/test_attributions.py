@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 from service_stack import TINY, image_bytes
 
-from services.cli import main
-from services.decoder.grounding import RunEmbeddings
-from services.decoder.stage import decode
-from services.encoder.regions import input_box
-from services.encoder.stage import check_layers, encode
-from services.pipeline import verbalize
-from shared.attributions import attribution_path, map_key, read_attributions
-from shared.images import ImageItem
-from shared.schemas import DecodeParams
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.services.decoder.grounding import RunEmbeddings
+from latent_verbalizer.services.decoder.stage import decode
+from latent_verbalizer.services.encoder.regions import input_box
+from latent_verbalizer.services.encoder.stage import check_layers, encode
+from latent_verbalizer.services.pipeline import verbalize
+from latent_verbalizer.shared.attributions import attribution_path, map_key, read_attributions
+from latent_verbalizer.shared.images import ImageItem
+from latent_verbalizer.shared.schemas import DecodeParams
 
 PARAMS = {
     "greedy": DecodeParams(seq_len=10),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from open_clip.transformer import CustomResidualAttentionBlock
 
-from shared.blocks import Block, Linear, can_reorder
+from latent_verbalizer.shared.blocks import Block, Linear, can_reorder
 
 
 @pytest.mark.skipif(not can_reorder(torch.zeros(1)), reason="needs an x86 CPU and a PyTorch built with oneDNN")

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from services.categorizer.embedded import encoder as encoder_module
-from services.categorizer.embedded.chunker import split_phrases
-from services.categorizer.embedded.labeler import EmbeddedLabeler
-from services.categorizer.embedded.words import Lexicon, stems
-from services.categorizer.models import CaptionLabels
-from services.categorizer.stage import categorize, categorize_phrases
-from shared.taxonomy import load_taxonomy
+from latent_verbalizer.services.categorizer.embedded import encoder as encoder_module
+from latent_verbalizer.services.categorizer.embedded.chunker import split_phrases
+from latent_verbalizer.services.categorizer.embedded.labeler import EmbeddedLabeler
+from latent_verbalizer.services.categorizer.embedded.words import Lexicon, stems
+from latent_verbalizer.services.categorizer.models import CaptionLabels
+from latent_verbalizer.services.categorizer.stage import categorize, categorize_phrases
+from latent_verbalizer.shared.taxonomy import load_taxonomy
 
 
 @pytest.fixture(scope="module")

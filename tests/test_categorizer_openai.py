@@ -21,12 +21,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.categorizer.cache import LabelCache
-from services.categorizer.openai_backend import OpenAILabeler
-from services.categorizer.prompt import PROMPT_VERSION
-from services.categorizer.stage import categorize
-from services.cli import main
-from shared.taxonomy import load_taxonomy
+from latent_verbalizer.services.categorizer.cache import LabelCache
+from latent_verbalizer.services.categorizer.openai_backend import OpenAILabeler
+from latent_verbalizer.services.categorizer.prompt import PROMPT_VERSION
+from latent_verbalizer.services.categorizer.stage import categorize
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.shared.taxonomy import load_taxonomy
 
 MODEL = "test-llama"
 LABELS = load_taxonomy().labels

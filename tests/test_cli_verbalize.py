@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.cli import main
-from shared.images import ImageError, decode_image, iter_items
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.shared.images import ImageError, decode_image, iter_items
 
 TINY = ["--model", "coca_tiny", "--pretrained", "none", "--device", "cpu"]
 
@@ -82,7 +82,7 @@ def test_shard_with_metadata_layers_and_features(tmp_path):
 
 
 def test_console_script(image_dir, tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "services.cli", "verbalize", str(image_dir / "a.png"),
+    ok = subprocess.run([sys.executable, "-m", "latent_verbalizer.services.cli", "verbalize", str(image_dir / "a.png"),
                          "--out", str(tmp_path / "o"), "--layers", "3", *TINY], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert len(read_results(tmp_path / "o")) == 1

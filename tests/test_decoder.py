@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from services.decoder.model import TextDecoder
-from services.decoder.stage import caption_layers, decode
-from services.encoder.stage import check_layers, encode
-from shared.models import load_model
-from shared.schemas import DecodeParams
+from latent_verbalizer.services.decoder.model import TextDecoder
+from latent_verbalizer.services.decoder.stage import caption_layers, decode
+from latent_verbalizer.services.encoder.stage import check_layers, encode
+from latent_verbalizer.shared.models import load_model
+from latent_verbalizer.shared.schemas import DecodeParams
 
 SOT, EOT, PAD = 49406, 49407, 0
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from services.cli import main
-from services.demo.evaluate import png_bytes
-from services.demo.scoring import score
-from services.demo.synth import Scene, SceneObject, render
-from services.demo.train import TrainConfig, train
-from services.pipeline import verbalize
-from shared.images import ImageItem
-from shared.models import PROJECT_WEIGHTS, load_model
-from shared.settings import DEMO_MODEL, DEMO_PRETRAINED
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.services.demo.evaluate import png_bytes
+from latent_verbalizer.services.demo.scoring import score
+from latent_verbalizer.services.demo.synth import Scene, SceneObject, render
+from latent_verbalizer.services.demo.train import TrainConfig, train
+from latent_verbalizer.services.pipeline import verbalize
+from latent_verbalizer.shared.images import ImageItem
+from latent_verbalizer.shared.models import PROJECT_WEIGHTS, load_model
+from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED
 
 FIXED_SCENES = [
     Scene((SceneObject("red", "circle", "large", 30, 34, 27),), "gray"),

@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shared.settings import Settings
+from latent_verbalizer.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "deploy" / "schemas"
@@ -195,7 +195,7 @@ def project_services(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def cli_parse(argv: list[str]) -> argparse.Namespace:
     """Parse argv (without the program name) exactly as `latent-verbalizer` does: the command must be in
     services.cli.COMMANDS and its module's add_arguments must accept the rest."""
-    from services import cli
+    from latent_verbalizer.services import cli
 
     assert argv, "empty command line"
     name = argv[0]
@@ -412,7 +412,7 @@ def _command_lines(tmp_path: Path) -> dict[str, list[str]]:
 
 def test_every_command_exists_in_the_cli(tmp_path: Path) -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(rf'^{CLI} = "services\.cli:main"$', pyproject, re.M), "console script missing"
+    assert re.search(rf'^{CLI} = "latent_verbalizer\.services\.cli:main"$', pyproject, re.M), "console script missing"
     lines = _command_lines(tmp_path)
     assert {tuple(a[:2]) for a in lines.values() if a[0] == "worker"} == {("worker", w) for w in WORKERS}
     assert ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT)] in lines.values()
@@ -427,7 +427,7 @@ def test_every_command_exists_in_the_cli(tmp_path: Path) -> None:
 
 
 def test_worker_queues_match_the_service_code() -> None:
-    queue = importlib.import_module("shared.queue")
+    queue = importlib.import_module("latent_verbalizer.shared.queue")
     assert queue.ROLES == WORKERS, "worker -> RQ queue names differ from shared.queue.ROLES"
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from services.encoder.stage import capture_blocks, check_layers, encode
+from latent_verbalizer.services.encoder.stage import capture_blocks, check_layers, encode
 
 
 @pytest.mark.parametrize("model", ["tiny", "trained_like"])

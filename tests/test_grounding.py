@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 from service_stack import TINY, free_port, image_bytes, redis_server, service, service_env, wait_for_workers, wait_job
 
-from services.cli import main
-from services.decoder import grounding, null_cache
-from services.decoder.grounding import caption_grounded, gray_pixels, retrieval_ranks, token_f1
-from services.decoder.stage import decode
-from services.encoder.stage import check_layers, encode, encode_grounded
-from shared.models import load_model
-from shared.schemas import DecodeParams
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.services.decoder import grounding, null_cache
+from latent_verbalizer.services.decoder.grounding import caption_grounded, gray_pixels, retrieval_ranks, token_f1
+from latent_verbalizer.services.decoder.stage import decode
+from latent_verbalizer.services.encoder.stage import check_layers, encode, encode_grounded
+from latent_verbalizer.shared.models import load_model
+from latent_verbalizer.shared.schemas import DecodeParams
 
 SOT, EOT, PAD = 49406, 49407, 0
 

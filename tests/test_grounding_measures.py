@@ -14,9 +14,9 @@ import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from services.cli import main
-from services.demo.synth import write_dataset
-from shared.grounding import (
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.services.demo.synth import write_dataset
+from latent_verbalizer.shared.grounding import (
     as_results,
     grounding_outputs,
     layer_grounding,
@@ -24,8 +24,8 @@ from shared.grounding import (
     references_from_meta,
     tokenize,
 )
-from shared.images import iter_items
-from shared.schemas import ImageResult
+from latent_verbalizer.shared.images import iter_items
+from latent_verbalizer.shared.schemas import ImageResult
 
 
 def cap(layer: int, caption: str, score: float, rank: int | None, prior: bool, overlap: float, sim: float,

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from service_stack import TINY, free_port, image_bytes, redis_server, service, service_env, wait_job, wait_until
 
-from shared.schemas import ImageResult, LayerCaption
-from shared.taxonomy import load_taxonomy
+from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
+from latent_verbalizer.shared.taxonomy import load_taxonomy
 
 MODEL = "smollm2-135m"  # the name the server answers to (--model_alias)
 START_TIMEOUT_S = 120
@@ -106,8 +106,8 @@ def _results_file(path: Path) -> None:
 
 def _categorize(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "services.cli", "categorize", *args], env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "latent_verbalizer.services.cli", "categorize", *args], env=env,
+                          capture_output=True, text=True, timeout=900)
     return done, time.perf_counter() - started
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.encoder.stage import encode
-from shared.models import ModelError, load_model, save_checkpoint
+from latent_verbalizer.services.encoder.stage import encode
+from latent_verbalizer.shared.models import ModelError, load_model, save_checkpoint
 
 
 def test_random_weights_are_reproducible(tiny):
@@ -67,7 +67,7 @@ def test_weights_missing_offline_say_what_to_do(tmp_path, monkeypatch):
 
 
 def test_reduced_precision_decodes(pixels):
-    from services.decoder.stage import caption_layers
+    from latent_verbalizer.services.decoder.stage import caption_layers
 
     lm = load_model("coca_tiny", dtype="bf16")
     latents = encode(lm.model.visual, pixels.to(torch.bfloat16), [0, 3])

@@ -12,15 +12,15 @@ from pathlib import Path
 import open_clip
 import pytest
 
-from shared.models import load_model
-from shared.pretrained import COCO_CAPTIONING_TAG, default_pretrained, resolve_pretrained
-from shared.settings import DEMO_MODEL, DEMO_PRETRAINED
+from latent_verbalizer.shared.models import load_model
+from latent_verbalizer.shared.pretrained import COCO_CAPTIONING_TAG, default_pretrained, resolve_pretrained
+from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED
 from tests.service_stack import free_port, image_bytes, redis_server, service, service_env
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "latent_verbalizer.services.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize(("model", "expected"), [

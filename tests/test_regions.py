@@ -11,13 +11,20 @@ import torch
 from open_clip.transform import image_transform
 from PIL import Image
 
-from services.cli import main
-from services.decoder.grounding import RunEmbeddings
-from services.encoder.regions import input_box, key_mask, locate, placement
-from services.encoder.stage import capture_blocks, pool_layers, pool_regions
-from services.pipeline import verbalize
-from shared.images import ImageItem
-from shared.regions import MAX_REGIONS, Region, RegionError, check_coverable, parse_region, parse_regions
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.services.decoder.grounding import RunEmbeddings
+from latent_verbalizer.services.encoder.regions import input_box, key_mask, locate, placement
+from latent_verbalizer.services.encoder.stage import capture_blocks, pool_layers, pool_regions
+from latent_verbalizer.services.pipeline import verbalize
+from latent_verbalizer.shared.images import ImageItem
+from latent_verbalizer.shared.regions import (
+    MAX_REGIONS,
+    Region,
+    RegionError,
+    check_coverable,
+    parse_region,
+    parse_regions,
+)
 
 TINY = ["--model", "coca_tiny", "--pretrained", "none", "--device", "cpu"]
 
@@ -215,7 +222,7 @@ def test_region_captions_are_grounded_as_captions(tiny):
 
 def test_sampled_region_captions_have_their_own_keys(tiny):
     """Seeded sampling: a region's caption depends on its own key, not on the batch it shares."""
-    from shared.schemas import DecodeParams
+    from latent_verbalizer.shared.schemas import DecodeParams
 
     params = DecodeParams(strategy="sample", seed=3)
     regions = parse_regions(["a=0,0,1,1", "b=0,0,1,1"], include_cls=True)  # the same region twice

@@ -12,9 +12,9 @@ import redis
 from PIL import Image
 from service_stack import API_KEY, free_port, image_bytes, redis_server, service, service_env, tar_bytes
 
-from shared.artifacts import ArtifactStore
-from shared.heartbeat import Heartbeat
-from shared.jobs import JobOptions, JobStatus, JobStore, new_job_id
+from latent_verbalizer.shared.artifacts import ArtifactStore
+from latent_verbalizer.shared.heartbeat import Heartbeat
+from latent_verbalizer.shared.jobs import JobOptions, JobStatus, JobStore, new_job_id
 
 MAX_UPLOAD = 400_000
 MAX_FILES = 5

@@ -14,8 +14,8 @@ from rq import Queue, Worker
 from rq.job import Job
 from service_stack import TINY, free_port, image_bytes, redis_server, service, service_env, wait_job, wait_until
 
-from services.cli.serve import die_with_parent
-from shared.settings import DEMO_MODEL
+from latent_verbalizer.services.cli.serve import die_with_parent
+from latent_verbalizer.shared.settings import DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 README_PORT = "8000"

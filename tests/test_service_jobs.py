@@ -30,10 +30,10 @@ from service_stack import (
     wait_until,
 )
 
-from services.categorizer.stage import make_labeler
-from services.categorizer.worker import labels_or_reasons
-from shared.attributions import map_key, read_attributions
-from shared.settings import Settings
+from latent_verbalizer.services.categorizer.stage import make_labeler
+from latent_verbalizer.services.categorizer.worker import labels_or_reasons
+from latent_verbalizer.shared.attributions import map_key, read_attributions
+from latent_verbalizer.shared.settings import Settings
 
 LAYERS = [0, 1, 2, 3]
 
@@ -172,7 +172,7 @@ def test_shard_of_broken_images_fails_the_job(stack):
 
 
 def test_healthcheck_command(stack):
-    check = [sys.executable, "-m", "services.cli", "healthcheck"]
+    check = [sys.executable, "-m", "latent_verbalizer.services.cli", "healthcheck"]
     assert subprocess.run([*check, "gateway"], env=stack.env, capture_output=True).returncode == 0
     for role in ("encoder", "decoder", "categorizer"):
         assert subprocess.run([*check, "worker", role], env=stack.env, capture_output=True).returncode == 0, role

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.demo.evaluate import scene_items
-from services.demo.scoring import region_score
-from services.demo.spatial import caption_words, object_box, peak, pointing_hits
-from services.demo.synth import Scene, SceneObject, sample_scene
+from latent_verbalizer.services.demo.evaluate import scene_items
+from latent_verbalizer.services.demo.scoring import region_score
+from latent_verbalizer.services.demo.spatial import caption_words, object_box, peak, pointing_hits
+from latent_verbalizer.services.demo.synth import Scene, SceneObject, sample_scene
 
 RED_CIRCLE = SceneObject("red", "circle", "large", 15, 20, 26)  # box 2.5..28.5 x 7.5..33.5
 BLUE_SQUARE = SceneObject("blue", "square", "small", 44, 40, 18)  # box 35.5..53.5 x 31.5..49.5

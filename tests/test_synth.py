@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from services.cli import main
-from services.demo.scoring import named_objects, score
-from services.demo.synth import (
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.services.demo.scoring import named_objects, score
+from latent_verbalizer.services.demo.synth import (
     COLORS,
     IMAGE_SIZE,
     MANIFEST,

@@ -27,10 +27,10 @@ from viewer_browser import (
     wait_succeeded,
 )
 
-from services.demo.evaluate import png_bytes
-from services.demo.synth import Scene, SceneObject, render
-from shared.settings import DEMO_MODEL, DEMO_PRETRAINED
-from shared.taxonomy import load_taxonomy
+from latent_verbalizer.services.demo.evaluate import png_bytes
+from latent_verbalizer.services.demo.synth import Scene, SceneObject, render
+from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED
+from latent_verbalizer.shared.taxonomy import load_taxonomy
 
 stack = viewer_browser.stack  # fixtures: one serve stack and one browser per module
 browser = viewer_browser.browser

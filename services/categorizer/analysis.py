@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
-from services.categorizer.models import CaptionLabels
-from shared.taxonomy import Taxonomy, load_taxonomy
+from latent_verbalizer.services.categorizer.models import CaptionLabels
+from latent_verbalizer.shared.taxonomy import Taxonomy, load_taxonomy
 
 
 class LayerCounts(BaseModel):

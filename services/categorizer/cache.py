@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 
 import redis
 
-from shared.keys import Keys
-from shared.settings import get_settings
+from latent_verbalizer.shared.keys import Keys
+from latent_verbalizer.shared.settings import get_settings
 
 
 class LabelCache:

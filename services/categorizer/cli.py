@@ -23,8 +23,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from services.categorizer.analysis import analyze
-from services.categorizer.files import (
+from latent_verbalizer.services.categorizer.analysis import analyze
+from latent_verbalizer.services.categorizer.files import (
     BadFile,
     read_captions,
     read_entropies,
@@ -32,11 +32,11 @@ from services.categorizer.files import (
     read_phrases,
     write_labels,
 )
-from services.categorizer.reference import read_reference_labels
-from services.categorizer.report import write_report
-from services.categorizer.stage import categorize_layers, categorize_phrases, make_labeler
-from shared.grounding import grounding_outputs, read_references, read_results
-from shared.settings import get_settings
+from latent_verbalizer.services.categorizer.reference import read_reference_labels
+from latent_verbalizer.services.categorizer.report import write_report
+from latent_verbalizer.services.categorizer.stage import categorize_layers, categorize_phrases, make_labeler
+from latent_verbalizer.shared.grounding import grounding_outputs, read_references, read_results
+from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 STRUCTURED = ["auto", "json_schema", "json_object", "none"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.categorizer.models import CaptionLabels
-from shared.schemas import ImageResult
+from latent_verbalizer.services.categorizer.models import CaptionLabels
+from latent_verbalizer.shared.schemas import ImageResult
 
 _LAYER_KEY = re.compile(r"layer_(\d+)")
 

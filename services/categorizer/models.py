@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from shared.schemas import ImageResult, LayerCaption
+from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
 
 MAX_LABELS = 3
 

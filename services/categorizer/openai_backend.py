@@ -27,11 +27,11 @@ from typing import Literal, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from services.categorizer import prompt
-from services.categorizer.cache import LabelCache
-from services.categorizer.models import MAX_LABELS, CaptionLabels, Phrase
-from shared.settings import Settings
-from shared.taxonomy import Taxonomy, load_taxonomy
+from latent_verbalizer.services.categorizer import prompt
+from latent_verbalizer.services.categorizer.cache import LabelCache
+from latent_verbalizer.services.categorizer.models import MAX_LABELS, CaptionLabels, Phrase
+from latent_verbalizer.shared.settings import Settings
+from latent_verbalizer.shared.taxonomy import Taxonomy, load_taxonomy
 
 log = logging.getLogger(__name__)
 MAX_RETRY_AFTER_S = 30.0

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
-from services.categorizer.models import MAX_LABELS
-from shared.taxonomy import UNKNOWN, Taxonomy
+from latent_verbalizer.services.categorizer.models import MAX_LABELS
+from latent_verbalizer.shared.taxonomy import UNKNOWN, Taxonomy
 
 PROMPT_VERSION = "2"
 

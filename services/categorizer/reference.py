@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from services.categorizer.models import MAX_LABELS, CaptionLabels, Phrase
+from latent_verbalizer.services.categorizer.models import MAX_LABELS, CaptionLabels, Phrase
 
 UNPARSABLE = "unparsable answer"
 _LAYER_FILE = re.compile(r"layer_(\d+)\.json")

@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from services.categorizer.analysis import Analysis  # noqa: E402
-from shared.taxonomy import Taxonomy, load_taxonomy  # noqa: E402
+from latent_verbalizer.services.categorizer.analysis import Analysis  # noqa: E402
+from latent_verbalizer.shared.taxonomy import Taxonomy, load_taxonomy  # noqa: E402
 
 
 def write_report(analysis: Analysis, out_dir: Path, extra: dict | None = None) -> list[Path]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
-from services.categorizer.models import CaptionLabels
-from shared.settings import Settings, get_settings
+from latent_verbalizer.services.categorizer.models import CaptionLabels
+from latent_verbalizer.shared.settings import Settings, get_settings
 
 Backend = Literal["embedded", "openai"]
 
@@ -53,11 +53,11 @@ def make_labeler(backend: Backend, settings: Settings | None = None) -> Labeler:
     """The backend's labeler, configured from settings (LV_* environment variables)."""
     settings = settings or get_settings()
     if backend == "embedded":
-        from services.categorizer.embedded.labeler import EmbeddedLabeler
+        from latent_verbalizer.services.categorizer.embedded.labeler import EmbeddedLabeler
 
         return EmbeddedLabeler(settings.cache_dir)
     if backend == "openai":
-        from services.categorizer.openai_backend import OpenAILabeler
+        from latent_verbalizer.services.categorizer.openai_backend import OpenAILabeler
 
         return OpenAILabeler.from_settings(settings)
     raise ValueError(f"unknown categorizer backend {backend!r} (embedded | openai)")

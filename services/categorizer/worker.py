@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from services.categorizer.models import CaptionLabels, LabeledCaption, LabeledResult
-from services.categorizer.stage import Backend, Labeler, categorize, make_labeler
-from services.chain.tasks import ChunkOutcome, Context, run_chunk
-from shared.jobs import JobRecord
-from shared.schemas import ImageResult
+from latent_verbalizer.services.categorizer.models import CaptionLabels, LabeledCaption, LabeledResult
+from latent_verbalizer.services.categorizer.stage import Backend, Labeler, categorize, make_labeler
+from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, run_chunk
+from latent_verbalizer.shared.jobs import JobRecord
+from latent_verbalizer.shared.schemas import ImageResult
 
 log = logging.getLogger(__name__)
 

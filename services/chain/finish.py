@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.artifacts import ArtifactStore
-from shared.grounding import grounding_outputs
-from shared.jobs import JobRecord
-from shared.schemas import ImageResult
+from latent_verbalizer.shared.artifacts import ArtifactStore
+from latent_verbalizer.shared.grounding import grounding_outputs
+from latent_verbalizer.shared.jobs import JobRecord
+from latent_verbalizer.shared.schemas import ImageResult
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
     kind = "labels" if job.options.categorize else "captions"
     results_path = store.write_results(job.id, kind, job.chunks)
     if job.options.grounding:  # retrieval ranks over the whole job, and prior.json
-        from services.decoder.grounding import rank_job
+        from latent_verbalizer.services.decoder.grounding import rank_job
 
         rank_job(store, job, results_path)
     results = [json.loads(line) for line in results_path.read_text().splitlines()]
@@ -66,9 +66,9 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
 
 def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict, warnings: list[str]) -> list[Path]:
     """The labels' report; what went wrong with the labels is added to `warnings`."""
-    from services.categorizer.analysis import analyze
-    from services.categorizer.models import LabeledResult
-    from services.categorizer.report import write_report
+    from latent_verbalizer.services.categorizer.analysis import analyze
+    from latent_verbalizer.services.categorizer.models import LabeledResult
+    from latent_verbalizer.services.categorizer.report import write_report
 
     labels: dict[int, list] = {}
     entropies: dict[int, list[float]] = {}
@@ -94,7 +94,7 @@ def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict, war
 
 def _entropy_summary(results: Sequence[dict], out_dir: Path, extra: dict) -> list[Path]:
     """summary.json and entropy.png of an uncategorized job: per layer, its captions and their mean entropy."""
-    from services.categorizer.report import plot_entropy
+    from latent_verbalizer.services.categorizer.report import plot_entropy
 
     entropies: dict[int, list[float]] = {}
     for raw in results:

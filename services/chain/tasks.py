@@ -21,12 +21,12 @@ from functools import lru_cache
 
 import redis
 
-from services.chain.finish import write_outputs
-from shared.artifacts import ArtifactStore
-from shared.jobs import JobRecord, JobStatus, JobStore
-from shared.models import LoadedModel
-from shared.queue import connect, enqueue, fail_job
-from shared.settings import Settings, get_settings
+from latent_verbalizer.services.chain.finish import write_outputs
+from latent_verbalizer.shared.artifacts import ArtifactStore
+from latent_verbalizer.shared.jobs import JobRecord, JobStatus, JobStore
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.queue import connect, enqueue, fail_job
+from latent_verbalizer.shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

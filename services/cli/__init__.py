@@ -7,8 +7,8 @@ import argparse
 import importlib
 import sys
 
-from shared.log import setup_logging
-from shared.settings import get_settings
+from latent_verbalizer.shared.log import setup_logging
+from latent_verbalizer.shared.settings import get_settings
 
 DESCRIPTION = """\
 Read what each layer of a CoCa vision transformer knows, in plain words: caption every encoder
@@ -24,7 +24,7 @@ The default model is the offline demo model, trained on synthetic coloured shape
 use e.g. --model coca_ViT-L-14 (weights mscoco_finetuned_laion2b_s13b_b90k, downloaded once).
 `latent-verbalizer COMMAND --help` tells each command's options."""
 
-# command -> module defining `add_arguments(parser)` and `run(args) -> int`
+# command -> module (in latent_verbalizer) defining `add_arguments(parser)` and `run(args) -> int`
 COMMANDS: dict[str, tuple[str, str]] = {
     "verbalize": ("services.cli.verbalize", "caption every selected layer of images, dirs or .tar shards"),
     "synth": ("services.demo.synth", "write synthetic scenes (PNG) with captions and attributes (manifest.jsonl)"),
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            importlib.import_module(module).add_arguments(p)
+            importlib.import_module(f"latent_verbalizer.{module}").add_arguments(p)
     args = parser.parse_args(argv)
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
-    return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+    return importlib.import_module(f"latent_verbalizer.{COMMANDS[args.command][0]}").run(args) or 0

@@ -2,6 +2,6 @@
 
 import sys
 
-from services.cli import main
+from latent_verbalizer.services.cli import main
 
 sys.exit(main())

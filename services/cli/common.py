@@ -7,10 +7,10 @@ import logging
 
 from pydantic import ValidationError
 
-from shared.models import LoadedModel, load_model
-from shared.pretrained import DEMO_NOTE, NO_WEIGHTS, RULE, resolve_pretrained
-from shared.schemas import DecodeParams
-from shared.settings import get_settings
+from latent_verbalizer.shared.models import LoadedModel, load_model
+from latent_verbalizer.shared.pretrained import DEMO_NOTE, NO_WEIGHTS, RULE, resolve_pretrained
+from latent_verbalizer.shared.schemas import DecodeParams
+from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import sys
 import httpx
 import redis
 
-from shared.heartbeat import live_workers
-from shared.queue import ROLES, connect
-from shared.settings import get_settings
+from latent_verbalizer.shared.heartbeat import live_workers
+from latent_verbalizer.shared.queue import ROLES, connect
+from latent_verbalizer.shared.settings import get_settings
 
 TIMEOUT_S = 3.0
 

@@ -29,9 +29,9 @@ from collections.abc import Callable
 import httpx
 import redis
 
-from services.cli.common import add_model_args
-from shared.queue import ROLES
-from shared.settings import get_settings
+from latent_verbalizer.services.cli.common import add_model_args
+from latent_verbalizer.shared.queue import ROLES
+from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger("serve")
 
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             private_redis, env["LV_REDIS_URL"] = _start_redis(redis_dir, env)
             everyone.append(private_redis)
-        cli = [sys.executable, "-m", "services.cli"]
+        cli = [sys.executable, "-m", "latent_verbalizer.services.cli"]
         workers = [Child(role, [*cli, "worker", role], env) for role in ROLES]
         gateway = Child("gateway", [*cli, "gateway", "--host", args.host, "--port", str(args.port)], env)
         children = [*workers, gateway]

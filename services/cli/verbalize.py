@@ -23,20 +23,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.cli.common import (
+from latent_verbalizer.services.cli.common import (
     add_decode_args,
     add_model_args,
     decode_params_from_args,
     model_from_args,
     parse_layers,
 )
-from services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
-from services.pipeline import verbalize
-from shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
-from shared.models import LoadedModel, ModelError
-from shared.regions import Region, check_coverable, parse_regions
-from shared.schemas import DecodeParams, ImageResult
-from shared.settings import get_settings
+from latent_verbalizer.services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
+from latent_verbalizer.services.pipeline import verbalize
+from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
+from latent_verbalizer.shared.models import LoadedModel, ModelError
+from latent_verbalizer.shared.regions import Region, check_coverable, parse_regions
+from latent_verbalizer.shared.schemas import DecodeParams, ImageResult
+from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger("verbalize")
 

@@ -14,12 +14,12 @@ import time
 
 import redis
 
-from services.chain.tasks import use_model
-from services.cli.common import add_model_args, model_from_args
-from shared.heartbeat import Heartbeat, served
-from shared.models import ModelError
-from shared.queue import ROLES, LeaseWorker, connect, queue, redis_url
-from shared.settings import get_settings
+from latent_verbalizer.services.chain.tasks import use_model
+from latent_verbalizer.services.cli.common import add_model_args, model_from_args
+from latent_verbalizer.shared.heartbeat import Heartbeat, served
+from latent_verbalizer.shared.models import ModelError
+from latent_verbalizer.shared.queue import ROLES, LeaseWorker, connect, queue, redis_url
+from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger("worker")
 
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> None:
     """Load what the role's tasks use, once, before taking any task."""
     if args.role == "categorizer":
-        from services.categorizer.stage import categorize
-        from services.categorizer.worker import labeler
+        from latent_verbalizer.services.categorizer.stage import categorize
+        from latent_verbalizer.services.categorizer.worker import labeler
 
         backend = get_settings().categorizer_backend
         if backend == "embedded":  # its first call pays a one-off set-up: pay it before the first task
@@ -75,11 +75,11 @@ def _load(args: argparse.Namespace) -> None:
     # Make the stage's view of the weights (on CPU: reordered copies, ~1 s for coca_ViT-B-32) now,
     # not in the first task.
     if args.role == "encoder":
-        from services.encoder.stage import vision_blocks
+        from latent_verbalizer.services.encoder.stage import vision_blocks
 
         vision_blocks(lm.model.visual)
     else:
-        from services.decoder.model import TextDecoder
+        from latent_verbalizer.services.decoder.model import TextDecoder
 
         TextDecoder.of(lm.model)
     use_model(lm)

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from shared.attributions import Attributions, map_key
-from shared.schemas import LayerCaption
+from latent_verbalizer.shared.attributions import Attributions, map_key
+from latent_verbalizer.shared.schemas import LayerCaption
 
 METHOD = ("decoder cross-attention (mean over decoder layers and heads) x pooler attention (mean over heads) "
           "over the patches; class token dropped; each token's map sums to 1 over the grid")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from services.decoder.model import TextDecoder
-from services.decoder.sampling import block_end_token, entropy_bits, repetition_penalty
-from shared.models import LoadedModel
-from shared.schemas import DecodeParams
+from latent_verbalizer.services.decoder.model import TextDecoder
+from latent_verbalizer.services.decoder.sampling import block_end_token, entropy_bits, repetition_penalty
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.schemas import DecodeParams
 
 
 @torch.inference_mode()

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from services.decoder import attribution
-from services.decoder.grounding import Grounded, caption_grounded
-from services.decoder.regions import attribution_parts, split_regions, with_regions
-from services.decoder.stage import decode_layers, layer_captions
-from services.encoder.stage import Encoded
-from shared.attributions import attribution_path, write_attributions
-from shared.models import LoadedModel
-from shared.regions import Region
-from shared.schemas import DecodeParams, LayerCaption
+from latent_verbalizer.services.decoder import attribution
+from latent_verbalizer.services.decoder.grounding import Grounded, caption_grounded
+from latent_verbalizer.services.decoder.regions import attribution_parts, split_regions, with_regions
+from latent_verbalizer.services.decoder.stage import decode_layers, layer_captions
+from latent_verbalizer.services.encoder.stage import Encoded
+from latent_verbalizer.shared.attributions import attribution_path, write_attributions
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.regions import Region
+from latent_verbalizer.shared.schemas import DecodeParams, LayerCaption
 
 Box = tuple[float, float, float, float]
 

@@ -33,15 +33,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from services.decoder import null_cache
-from services.decoder.null_cache import NullCaption
-from services.decoder.stage import decode, layer_captions, layer_rows, row_keys
-from services.encoder.stage import encode
-from shared.artifacts import ArtifactStore, write_atomic
-from shared.jobs import JobRecord
-from shared.models import LoadedModel
-from shared.schemas import DecodeParams, LayerCaption
-from shared.settings import get_settings
+from latent_verbalizer.services.decoder import null_cache
+from latent_verbalizer.services.decoder.null_cache import NullCaption
+from latent_verbalizer.services.decoder.stage import decode, layer_captions, layer_rows, row_keys
+from latent_verbalizer.services.encoder.stage import encode
+from latent_verbalizer.shared.artifacts import ArtifactStore, write_atomic
+from latent_verbalizer.shared.jobs import JobRecord
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.schemas import DecodeParams, LayerCaption
+from latent_verbalizer.shared.settings import get_settings
 
 GRAY = (128, 128, 128)
 GALLERY_SEED = 0  # the retrieval gallery's sample is fixed by this seed and the images' order

@@ -28,8 +28,8 @@ from open_clip.coca_model import CoCa
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from services.decoder.kv_cache import KVCache
-from shared.blocks import Block, Linear, cached
+from latent_verbalizer.services.decoder.kv_cache import KVCache
+from latent_verbalizer.shared.blocks import Block, Linear, cached
 
 
 def _self_attention(block: Block, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:

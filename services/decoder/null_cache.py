@@ -25,10 +25,10 @@ import open_clip
 import torch
 from torch import nn
 
-from shared.artifacts import write_atomic
-from shared.models import LoadedModel
-from shared.schemas import DecodeParams
-from shared.settings import get_settings
+from latent_verbalizer.shared.artifacts import write_atomic
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.schemas import DecodeParams
+from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 

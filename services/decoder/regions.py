@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from services.decoder.attribution import Captioned, per_image
-from shared.regions import Region
-from shared.schemas import LayerCaption, RegionResult
+from latent_verbalizer.services.decoder.attribution import Captioned, per_image
+from latent_verbalizer.shared.regions import Region
+from latent_verbalizer.shared.schemas import LayerCaption, RegionResult
 
 
 def region_id(image_id: str, label: str) -> str:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from shared.schemas import DecodeParams
+from latent_verbalizer.shared.schemas import DecodeParams
 
 _MASK32 = 0xFFFFFFFF
 

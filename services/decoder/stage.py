@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from services.decoder import beam
-from services.decoder.model import TextDecoder
-from services.decoder.sampling import block_end_token, choose, entropy_bits, repetition_penalty
-from services.decoder.text_embedding import TextStates, embed, recompute
-from shared.models import LoadedModel
-from shared.schemas import DecodeParams, LayerCaption
+from latent_verbalizer.services.decoder import beam
+from latent_verbalizer.services.decoder.model import TextDecoder
+from latent_verbalizer.services.decoder.sampling import block_end_token, choose, entropy_bits, repetition_penalty
+from latent_verbalizer.services.decoder.text_embedding import TextStates, embed, recompute
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.schemas import DecodeParams, LayerCaption
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.decoder.model import TextDecoder
+from latent_verbalizer.services.decoder.model import TextDecoder
 
 
 class TextStates:

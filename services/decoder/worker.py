@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from services.chain.tasks import ChunkOutcome, Context, loaded_model, run_chunk
-from services.decoder.captions import caption_batch, write_maps
-from services.decoder.regions import region_results
-from services.encoder.stage import Encoded
-from shared.jobs import JobRecord
-from shared.schemas import ImageResult
+from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, loaded_model, run_chunk
+from latent_verbalizer.services.decoder.captions import caption_batch, write_maps
+from latent_verbalizer.services.decoder.regions import region_results
+from latent_verbalizer.services.encoder.stage import Encoded
+from latent_verbalizer.shared.jobs import JobRecord
+from latent_verbalizer.shared.schemas import ImageResult
 
 
 def decode_chunk(job_id: str, chunk: int) -> None:

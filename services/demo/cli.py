@@ -20,18 +20,18 @@ import json
 import sys
 from pathlib import Path
 
-from services.categorizer.analysis import Analysis, analyze
-from services.categorizer.files import write_labels
-from services.categorizer.report import write_report
-from services.categorizer.stage import categorize_layers, make_labeler
-from services.cli.common import add_model_args, model_from_args
-from services.cli.verbalize import write_run
-from services.demo.evaluate import layer_shares
-from services.demo.synth import MANIFEST, Scene, read_manifest, write_dataset
-from shared.grounding import grounding_outputs, read_references, read_results
-from shared.images import iter_items
-from shared.models import ModelError
-from shared.schemas import ImageResult
+from latent_verbalizer.services.categorizer.analysis import Analysis, analyze
+from latent_verbalizer.services.categorizer.files import write_labels
+from latent_verbalizer.services.categorizer.report import write_report
+from latent_verbalizer.services.categorizer.stage import categorize_layers, make_labeler
+from latent_verbalizer.services.cli.common import add_model_args, model_from_args
+from latent_verbalizer.services.cli.verbalize import write_run
+from latent_verbalizer.services.demo.evaluate import layer_shares
+from latent_verbalizer.services.demo.synth import MANIFEST, Scene, read_manifest, write_dataset
+from latent_verbalizer.shared.grounding import grounding_outputs, read_references, read_results
+from latent_verbalizer.shared.images import iter_items
+from latent_verbalizer.shared.models import ModelError
+from latent_verbalizer.shared.schemas import ImageResult
 
 DEMO_SEED = 7  # not a training seed (0, 1)
 TOP_CLASSES = 3  # dominant classes shown per layer

@@ -9,10 +9,10 @@ from itertools import count, islice
 
 from PIL import Image
 
-from services.demo.scoring import score
-from services.demo.synth import Scene, render, sample_scene
-from shared.images import ImageItem
-from shared.schemas import ImageResult
+from latent_verbalizer.services.demo.scoring import score
+from latent_verbalizer.services.demo.synth import Scene, render, sample_scene
+from latent_verbalizer.shared.images import ImageItem
+from latent_verbalizer.shared.schemas import ImageResult
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from services.demo.synth import COLORS, SHAPES, Scene, SceneObject
+from latent_verbalizer.services.demo.synth import COLORS, SHAPES, Scene, SceneObject
 
 _WORD = re.compile(r"[a-z]+")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.demo.synth import IMAGE_SIZE, Scene, SceneObject
+from latent_verbalizer.services.demo.synth import IMAGE_SIZE, Scene, SceneObject
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in image px
 

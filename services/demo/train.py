@@ -26,10 +26,10 @@ from open_clip.loss import CoCaLoss
 from PIL import Image
 from torch import nn
 
-from services.demo.scoring import score
-from services.demo.synth import Scene, render, sample_scene, scenes, variant
-from shared.models import resolve_device, save_checkpoint
-from shared.settings import DEMO_MODEL
+from latent_verbalizer.services.demo.scoring import score
+from latent_verbalizer.services.demo.synth import Scene, render, sample_scene, scenes, variant
+from latent_verbalizer.shared.models import resolve_device, save_checkpoint
+from latent_verbalizer.shared.settings import DEMO_MODEL
 
 log = logging.getLogger(__name__)
 CHECKPOINT = f"{DEMO_MODEL}.safetensors"

@@ -24,9 +24,9 @@ import torch
 from open_clip.transform import CenterCropOrPad, MaybeConvertMode, MaybeToTensor, ResizeKeepRatio
 from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
 
-from shared.images import ImageItem
-from shared.models import LoadedModel
-from shared.regions import MAX_REGIONS, Region, RegionError, covered, parse_region, parse_regions
+from latent_verbalizer.shared.images import ImageItem
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.regions import MAX_REGIONS, Region, RegionError, covered, parse_region, parse_regions
 
 __all__ = ["MAX_REGIONS", "Region", "RegionError", "parse_region", "parse_regions", "Placement", "placement",
            "input_box", "image_box", "Located", "locate", "key_mask", "place", "with_whole_image"]

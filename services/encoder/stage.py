@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from PIL import Image
 
-from services.encoder.regions import with_whole_image
-from shared.blocks import Block, cached
-from shared.images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, decode_image
-from shared.models import LoadedModel
-from shared.pretrained import DEMO_NOTE
-from shared.schemas import resolve_layers
-from shared.settings import DEMO_MODEL
+from latent_verbalizer.services.encoder.regions import with_whole_image
+from latent_verbalizer.shared.blocks import Block, cached
+from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, decode_image
+from latent_verbalizer.shared.models import LoadedModel
+from latent_verbalizer.shared.pretrained import DEMO_NOTE
+from latent_verbalizer.shared.schemas import resolve_layers
+from latent_verbalizer.shared.settings import DEMO_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from services.chain.tasks import ChunkOutcome, Context, loaded_model, run_chunk
-from services.encoder.regions import place
-from services.encoder.stage import Encoded, capture_blocks, captured_layers, check_layers, load_pixels, pool_encoded
-from shared.jobs import JobRecord
+from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, loaded_model, run_chunk
+from latent_verbalizer.services.encoder.regions import place
+from latent_verbalizer.services.encoder.stage import (
+    Encoded,
+    capture_blocks,
+    captured_layers,
+    check_layers,
+    load_pixels,
+    pool_encoded,
+)
+from latent_verbalizer.shared.jobs import JobRecord
 
 
 def encode_chunk(job_id: str, chunk: int) -> None:

@@ -18,17 +18,17 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
-from services.gateway.backends import LLMProbe
-from services.gateway.deps import Gateway, require_api_key
-from services.gateway.housekeeper import Housekeeper
-from services.gateway.metrics import registry
-from services.gateway.model_info import describe_model
-from services.gateway.routers import attributions, health, jobs
-from services.gateway.schemas import ErrorOut, FieldError, ModelInfo, errors
-from shared.artifacts import ArtifactStore
-from shared.jobs import JobStore
-from shared.queue import connect, redis_url
-from shared.settings import Settings, get_settings
+from latent_verbalizer.services.gateway.backends import LLMProbe
+from latent_verbalizer.services.gateway.deps import Gateway, require_api_key
+from latent_verbalizer.services.gateway.housekeeper import Housekeeper
+from latent_verbalizer.services.gateway.metrics import registry
+from latent_verbalizer.services.gateway.model_info import describe_model
+from latent_verbalizer.services.gateway.routers import attributions, health, jobs
+from latent_verbalizer.services.gateway.schemas import ErrorOut, FieldError, ModelInfo, errors
+from latent_verbalizer.shared.artifacts import ArtifactStore
+from latent_verbalizer.shared.jobs import JobStore
+from latent_verbalizer.shared.queue import connect, redis_url
+from latent_verbalizer.shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

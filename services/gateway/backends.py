@@ -11,8 +11,8 @@ import time
 
 import httpx
 
-from services.gateway.schemas import LLMStatus
-from shared.settings import Settings
+from latent_verbalizer.services.gateway.schemas import LLMStatus
+from latent_verbalizer.shared.settings import Settings
 
 PROBE_TIMEOUT_S = 2.0
 PROBE_TTL_S = 5.0

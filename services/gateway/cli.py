@@ -8,7 +8,7 @@ import logging
 
 import uvicorn
 
-from shared.settings import get_settings
+from latent_verbalizer.shared.settings import get_settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.gateway.app import create_app
+    from latent_verbalizer.services.gateway.app import create_app
 
     logging.getLogger("uvicorn.error").addFilter(_drop_color_message)
     # log_config=None keeps the structured logging set up by the CLI; no per-request access log.

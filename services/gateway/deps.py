@@ -11,12 +11,12 @@ import redis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from services.gateway.backends import LLMProbe
-from services.gateway.schemas import ModelInfo
-from shared.artifacts import ArtifactStore
-from shared.heartbeat import live_workers, unserved
-from shared.jobs import STAGES, JobRecord, JobStatus, JobStore, is_job_id
-from shared.settings import Settings
+from latent_verbalizer.services.gateway.backends import LLMProbe
+from latent_verbalizer.services.gateway.schemas import ModelInfo
+from latent_verbalizer.shared.artifacts import ArtifactStore
+from latent_verbalizer.shared.heartbeat import live_workers, unserved
+from latent_verbalizer.shared.jobs import STAGES, JobRecord, JobStatus, JobStore, is_job_id
+from latent_verbalizer.shared.settings import Settings
 
 
 @dataclass

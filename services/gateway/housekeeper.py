@@ -17,9 +17,9 @@ import time
 import redis
 from rq.scheduler import RQScheduler
 
-from shared.artifacts import ArtifactStore
-from shared.jobs import STAGES, JobStore
-from shared.queue import queue
+from latent_verbalizer.shared.artifacts import ArtifactStore
+from latent_verbalizer.shared.jobs import STAGES, JobStore
+from latent_verbalizer.shared.queue import queue
 
 log = logging.getLogger(__name__)
 

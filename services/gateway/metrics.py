@@ -11,9 +11,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 from rq import Worker
 
-from shared.jobs import LATENCY_BUCKETS, STAGES, TERMINAL
-from shared.keys import Keys
-from shared.queue import queue, queue_depths
+from latent_verbalizer.shared.jobs import LATENCY_BUCKETS, STAGES, TERMINAL
+from latent_verbalizer.shared.keys import Keys
+from latent_verbalizer.shared.queue import queue, queue_depths
 
 
 class ServiceCollector(Collector):

@@ -7,10 +7,10 @@ import importlib.util
 import json
 from pathlib import Path
 
-import shared
-from services.gateway.schemas import ModelInfo
-from shared.pretrained import DEMO_NOTE, resolve_pretrained
-from shared.settings import DEMO_MODEL, Settings
+from latent_verbalizer import shared
+from latent_verbalizer.services.gateway.schemas import ModelInfo
+from latent_verbalizer.shared.pretrained import DEMO_NOTE, resolve_pretrained
+from latent_verbalizer.shared.settings import DEMO_MODEL, Settings
 
 PROJECT_CONFIGS = Path(shared.__file__).parent / "model_configs"  # as shared.models.CONFIG_DIR
 

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.heartbeat import WorkerBeat
-from shared.jobs import CategorizerBackend, JobOptions, JobRecord, JobStatus
+from latent_verbalizer.shared.heartbeat import WorkerBeat
+from latent_verbalizer.shared.jobs import CategorizerBackend, JobOptions, JobRecord, JobStatus
 
 
 class ErrorOut(BaseModel):

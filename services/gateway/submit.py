@@ -14,12 +14,12 @@ from itertools import islice
 
 from fastapi import HTTPException
 
-from services.gateway.backends import unusable_reason
-from services.gateway.deps import Gateway
-from services.gateway.uploads import JobInput
-from shared.images import ImageError, ImageItem, decode_image, iter_items
-from shared.jobs import JobOptions
-from shared.queue import enqueue
+from latent_verbalizer.services.gateway.backends import unusable_reason
+from latent_verbalizer.services.gateway.deps import Gateway
+from latent_verbalizer.services.gateway.uploads import JobInput
+from latent_verbalizer.shared.images import ImageError, ImageItem, decode_image, iter_items
+from latent_verbalizer.shared.jobs import JobOptions
+from latent_verbalizer.shared.queue import enqueue
 
 MAX_REASONS = 5
 

@@ -22,10 +22,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway.schemas import FieldError
-from shared.images import sniff
-from shared.jobs import JobOptions
-from shared.settings import Settings
+from latent_verbalizer.services.gateway.schemas import FieldError
+from latent_verbalizer.shared.images import sniff
+from latent_verbalizer.shared.jobs import JobOptions
+from latent_verbalizer.shared.settings import Settings
 
 SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "tar": ".tar"}
 OPTIONS_FIELD_BYTES = 64 * 1024

@@ -6,7 +6,7 @@ punctuation and non-words always end a phrase. Repeated words are kept: they wei
 
 from __future__ import annotations
 
-from services.categorizer.embedded.words import (
+from latent_verbalizer.services.categorizer.embedded.words import (
     PARTICLES,
     SPATIAL_EXPRESSIONS,
     Kind,

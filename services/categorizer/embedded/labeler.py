@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from services.categorizer.embedded.chunker import split_phrases
-from services.categorizer.embedded.encoder import TextEncoder
-from services.categorizer.embedded.rules import rule_labels
-from services.categorizer.embedded.words import SEPARATOR, Kind, Lexicon, kind, tokenize
-from services.categorizer.models import CaptionLabels, Phrase
-from shared.taxonomy import UNKNOWN
+from latent_verbalizer.services.categorizer.embedded.chunker import split_phrases
+from latent_verbalizer.services.categorizer.embedded.encoder import TextEncoder
+from latent_verbalizer.services.categorizer.embedded.rules import rule_labels
+from latent_verbalizer.services.categorizer.embedded.words import SEPARATOR, Kind, Lexicon, kind, tokenize
+from latent_verbalizer.services.categorizer.models import CaptionLabels, Phrase
+from latent_verbalizer.shared.taxonomy import UNKNOWN
 
 # Cosine similarity to the nearest lexicon entry below which an unknown word stays UNKNOWN.
 MIN_SIMILARITY = 0.6

@@ -11,7 +11,7 @@ then asks the text encoder which lexicon entries it is closest to."""
 
 from __future__ import annotations
 
-from services.categorizer.embedded.words import (
+from latent_verbalizer.services.categorizer.embedded.words import (
     ACTIONS,
     AUXILIARIES,
     SEPARATOR,
@@ -22,8 +22,8 @@ from services.categorizer.embedded.words import (
     kind,
     tokenize,
 )
-from services.categorizer.models import MAX_LABELS
-from shared.taxonomy import UNKNOWN
+from latent_verbalizer.services.categorizer.models import MAX_LABELS
+from latent_verbalizer.shared.taxonomy import UNKNOWN
 
 PERSON = "person"
 PERSON_LABELS = (PERSON, "male", "female")

@@ -96,7 +96,7 @@ class Lexicon:
     @classmethod
     @lru_cache
     def load(cls) -> Lexicon:
-        doc = json.loads(files("services.categorizer").joinpath("data/lexicon.json").read_text())
+        doc = json.loads(files("latent_verbalizer.services.categorizer").joinpath("data/lexicon.json").read_text())
         return cls(doc["words"])
 
     def label(self, word: str) -> str | None:

@@ -10,10 +10,10 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 
-from services.gateway.deps import Job, gateway, require_succeeded
-from services.gateway.schemas import AttributionMap, errors
-from shared.attributions import attribution_path, map_key, read_attributions
-from shared.jobs import JobRecord
+from latent_verbalizer.services.gateway.deps import Job, gateway, require_succeeded
+from latent_verbalizer.services.gateway.schemas import AttributionMap, errors
+from latent_verbalizer.shared.attributions import attribution_path, map_key, read_attributions
+from latent_verbalizer.shared.jobs import JobRecord
 
 router = APIRouter(prefix="/v1", tags=["attributions"], responses=errors(503))
 

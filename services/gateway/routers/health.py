@@ -13,8 +13,8 @@ import redis
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.gateway.deps import gateway
-from services.gateway.schemas import errors
+from latent_verbalizer.services.gateway.deps import gateway
+from latent_verbalizer.services.gateway.schemas import errors
 
 router = APIRouter(tags=["health"])
 

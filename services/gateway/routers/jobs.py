@@ -8,9 +8,9 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from services.gateway.backends import usable_backends
-from services.gateway.deps import Gateway, Job, gateway, require_succeeded
-from services.gateway.schemas import (
+from latent_verbalizer.services.gateway.backends import usable_backends
+from latent_verbalizer.services.gateway.deps import Gateway, Job, gateway, require_succeeded
+from latent_verbalizer.services.gateway.schemas import (
     Deleted,
     FieldError,
     JobCreated,
@@ -22,20 +22,20 @@ from services.gateway.schemas import (
     ShardJobRequest,
     errors,
 )
-from services.gateway.submit import check_backend, submit
-from services.gateway.uploads import (
+from latent_verbalizer.services.gateway.submit import check_backend, submit
+from latent_verbalizer.services.gateway.uploads import (
     JSON_BODY_BYTES,
     check_length,
     parse_json,
     read_uploads,
     resolve_shards,
 )
-from shared.heartbeat import WorkerBeat, live_workers
-from shared.jobs import ACTIVE, STAGE_COUNTER, STAGES, JobOptions, JobRecord, JobStatus, new_job_id
-from shared.queue import cancel_queued
-from shared.regions import RegionError, check_coverable
-from shared.schemas import resolve_layers
-from shared.taxonomy import load_taxonomy
+from latent_verbalizer.shared.heartbeat import WorkerBeat, live_workers
+from latent_verbalizer.shared.jobs import ACTIVE, STAGE_COUNTER, STAGES, JobOptions, JobRecord, JobStatus, new_job_id
+from latent_verbalizer.shared.queue import cancel_queued
+from latent_verbalizer.shared.regions import RegionError, check_coverable
+from latent_verbalizer.shared.schemas import resolve_layers
+from latent_verbalizer.shared.taxonomy import load_taxonomy
 
 # The API key check (and its 401) is added by the app when keys are configured.
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=errors(503))
