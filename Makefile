@@ -39,7 +39,7 @@ test: venv-dev system-deps lint
 	$(BIN)/python -m pytest
 
 demo: venv
-	$(BIN)/latent-verbalizer demo --out runs/demo
+	$(BIN)/latent-verbalizer demo --out runs/demo --overwrite
 
 # Re-resolve every dependency (base + dev + deploy extras) from the package index into constraints.txt, for
 # Python 3.11+ on any platform. uv reads no pip.conf: behind a mirror set UV_DEFAULT_INDEX (and SSL_CERT_FILE).
