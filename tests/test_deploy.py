@@ -636,7 +636,7 @@ def test_cross_check_images_ports_settings_volumes(tmp_path: Path, monkeypatch: 
             redis = urlparse(container_env(svc, {})["LV_REDIS_URL"])
             assert redis == k8s_redis and redis.hostname in model["services"] and redis.port == 6379, name
     # An external Redis (or host networking) is one line in .env, not an override of every service.
-    external = "redis://10.0.0.5:6380/2"
+    external = "redis://redis.example.org:6380/2"
     for name, svc in project_services(load_compose([COMPOSE, COMPOSE_CPU], {"LV_REDIS_URL": external})).items():
         assert container_env(svc, {})["LV_REDIS_URL"] == external, name
 
