@@ -1,0 +1,250 @@
+"""BLIP (transformers `BlipForConditionalGeneration`): every vision layer read by the model's own text decoder.
+
+BLIP captions an image with
+    pixels -> vision_model: embeddings, blocks 0..L-1 -> post_layernorm -> image tokens [n, T, C]  (T = 1 + patches)
+    [DEC] (+ the prompt's tokens) -> text_decoder: per layer causal self-attention, cross-attention over the
+    image tokens, MLP; then the cls head -> next-token logits; a caption ends with [SEP].
+Layer i here is the residual stream after block i (transformers' `hidden_states[i + 1]`), sent through the same
+`post_layernorm` into the same cross-attention: for the last block that is exactly the model's own
+`last_hidden_state`, so the last layer's caption is the model's own `generate`, token for token.
+
+`--prompt` is BLIP's conditional text prefix, tokenized as the model's `generate` takes it from its processor:
+`[CLS] prompt [SEP]`, the first id replaced by [DEC] (bos) and the last one (the tokenizer's [SEP]) dropped.
+The prefix is fed at the start slot (pos 0); captions (`tokens`) are what follows it.
+
+The text decoder is stepped here rather than through `text_decoder.forward`, for two reasons:
+  - transformers 4.55.4's BLIP text attention drops `encoder_attention_mask` (`BlipTextAttention` does not pass
+    it on to `BlipTextSelfAttention`, which then reads None), so a region's mask over the image tokens would
+    be ignored; here it is applied;
+  - a step returns its cross-attention weights without asking every layer for all of its attentions.
+Each step calls the model's own modules (embeddings, every Linear, the output LayerNorms, the MLP, the cls
+head) and does only the attention arithmetic itself, in transformers' order (q k^T / sqrt(Dh), softmax, @ v);
+tests check the tokens against the model's `generate` at every layer.
+Shapes: B rows, T image tokens, C vision width, D text width, H heads, Dh = D / H, S positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoProcessor, BlipForConditionalGeneration
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NO_CONTRASTIVE = ("BlipForConditionalGeneration has no image-text head (BLIP's ITM/ITC heads live in"
+                  " BlipForImageTextRetrieval checkpoints): image_score and retrieval_rank are null")
+ATTENTION_METHOD = "text decoder cross-attention over the image tokens, mean over decoder layers and heads"
+
+
+class BlipError(ValueError):
+    """A BLIP model or input that cannot be used, with a reason the user can act on."""
+
+
+@dataclass
+class Encoded:
+    latents: torch.Tensor  # [L, n, T, C]: post_layernorm(hidden_states[i + 1]) per selected layer i
+
+
+def load(name: str, device: str = "cpu", dtype: str = "fp32", prompt: str | None = None) -> BlipFamily:
+    """A BLIP captioner from a hub id or a local `save_pretrained` directory (model and processor)."""
+    if dtype not in DTYPES:
+        raise BlipError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                "cpu" if device == "auto" else device)
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(name, torch_dtype=DTYPES[dtype])
+        processor = AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError) as e:  # no such directory, not a hub id, not on the hub or not in its cache
+        raise BlipError(f"cannot load BLIP model {name!r} ({e}). Name a directory written by save_pretrained"
+                        " (model and processor), or a hub id such as Salesforce/blip-image-captioning-base; offline,"
+                        " copy the hub cache that holds it (HF_HOME) to this machine, or save_pretrained it"
+                        " elsewhere and copy that directory.") from e
+    model.to(torch_device).eval().requires_grad_(False)
+    log.info("model loaded", extra={"model": name, "family": "blip", "device": str(torch_device)})
+    return BlipFamily(model, processor, name, torch_device, DTYPES[dtype], prompt)
+
+
+class BlipFamily:
+    family = "blip"
+    pretrained = None
+    force_end_at_limit = False  # as the model's generate: at the length limit a caption just stops
+    extras = {"contrastive": NO_CONTRASTIVE, "regions": None, "attributions": None}  # None: available
+
+    def __init__(self, model: BlipForConditionalGeneration, processor, name: str, device: torch.device,
+                 dtype: torch.dtype, prompt: str | None = None) -> None:
+        text = model.config.text_config
+        if getattr(text, "position_embedding_type", "absolute") != "absolute":
+            raise BlipError(f"{name}: text position embeddings {text.position_embedding_type!r} are not supported"
+                            " (BLIP captioners use 'absolute')")
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.name, self.device, self.dtype, self.prompt = name, device, dtype, prompt
+        self.num_layers = model.config.vision_config.num_hidden_layers
+        self.feature_layer = self.num_layers - 1  # the model reads its last block
+        self.start_id, self.end_id, self.pad_id = text.bos_token_id, text.sep_token_id, text.pad_token_id
+        self.stop_ids = {self.end_id}  # BLIP's generate passes eos_token_id = sep_token_id
+        self.prefix = self._prefix(prompt)  # [P] long: what the start slot feeds
+        # HF's min_length counts the whole sequence, the prefix included; ours counts the start slot as one.
+        min_length = model.text_decoder.generation_config.min_length or 0
+        self.default_min_seq_len = max(0, min_length - (len(self.prefix) - 1))
+        self.max_positions = text.max_position_embeddings
+
+    def _prefix(self, prompt: str | None) -> torch.Tensor:
+        """[DEC] and the prompt's tokens, built as `BlipForConditionalGeneration.generate` builds its input_ids:
+        the processor's ids with the first replaced by bos and the last (the tokenizer's [SEP]) dropped."""
+        if not prompt:
+            return torch.tensor([self.start_id])
+        ids = self.processor(text=prompt).input_ids
+        return torch.tensor([self.start_id, *ids[1:-1]])
+
+    # --- encoder side ---
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The model's own image processor: PIL image -> [3, H, W] float32."""
+        return self.processor.image_processor(images=image.convert("RGB"), return_tensors="pt").pixel_values[0]
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, layers: list[int]) -> Encoded:
+        """pixels [n, 3, H, W] -> latents [L, n, T, C]: ONE vision forward, each selected block's residual stream
+        through post_layernorm (for the last block: exactly the model's last_hidden_state)."""
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise BlipError(f"layers {bad} out of range: {self.name} has vision blocks 0..{self.num_layers - 1}")
+        vision = self.model.vision_model
+        hidden = vision(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True).hidden_states
+        return Encoded(vision.post_layernorm(torch.stack([hidden[i + 1] for i in layers])))
+
+    # --- decoder side ---
+
+    def stepper(self, rows: torch.Tensor, mask: torch.Tensor | None, max_len: int, attention: bool) -> Stepper:
+        """rows [B, T, C] image tokens, mask [B, T] bool (True = read; None = all), max_len = seq_len."""
+        if len(self.prefix) + max_len - 1 > self.max_positions:
+            raise BlipError(f"seq_len {max_len} with a {len(self.prefix)}-token prefix exceeds the text decoder's"
+                            f" {self.max_positions} positions")
+        return Stepper(self.model.text_decoder, rows.to(self.device, self.dtype), mask, self.prefix.to(self.device),
+                       len(self.prefix) + max_len)
+
+    @torch.inference_mode()
+    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced log-probs (float32, natural log) of each row's tokens, then of the end token:
+        ONE forward of [prefix, tokens] per batch, right-padded (causal: padding cannot reach earlier positions)."""
+        P, longest = len(self.prefix), max(map(len, tokens), default=0)
+        ids = torch.full((len(tokens), P + longest), self.pad_id, dtype=torch.long, device=self.device)
+        ids[:, :P] = self.prefix.to(self.device)
+        for r, t in enumerate(tokens):
+            ids[r, P : P + len(t)] = torch.tensor(t, dtype=torch.long)
+        stepper = self.stepper(rows, mask, longest + 1, attention=False)
+        logp = stepper.logits(ids, 0).log_softmax(-1)  # [R, P + longest, V]; position p predicts token p + 1
+        out = []
+        for r, t in enumerate(tokens):
+            targets = torch.tensor([*t, self.end_id], device=self.device)
+            out.append(logp[r, P - 1 + torch.arange(len(targets), device=self.device), targets].cpu())
+        return out
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (WordPiece: a piece that continues a word starts with '##')."""
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid (rows, columns) behind image tokens 1..T-1 (token 0 is the class token)."""
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        return side, side
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, D] -> [B, H, S, Dh]"""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+    """q [B, H, S, Dh] over k, v [B, H, S', Dh] (bias broadcast to [B, H, S, S'], -inf = not read), as transformers'
+    BLIP text attention computes it -> (context [B, S, D], weights [B, H, S, S'])."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias
+    p = scores.softmax(-1)
+    context = torch.matmul(p, v).transpose(1, 2)  # [B, S, H, Dh]
+    return context.reshape(*context.shape[:2], -1), p
+
+
+class Stepper:
+    """BLIP's text decoder over B rows of image tokens, with caches:
+        self-attention  keys/values [B, H, S_max, Dh] per decoder layer, filled position by position;
+        cross-attention keys/values [B, H, T, Dh] per decoder layer, projected once from the rows' image tokens,
+                        with the rows' mask as an additive bias [B, 1, 1, T] (0 read, -inf not)."""
+
+    def __init__(self, text_decoder: nn.Module, rows: torch.Tensor, mask: torch.Tensor | None,
+                 prefix: torch.Tensor, max_positions: int) -> None:
+        B, T, _ = rows.shape
+        self.bert, self.head = text_decoder.bert, text_decoder.cls
+        self.layers = list(self.bert.encoder.layer)
+        self.heads = self.layers[0].attention.self.num_attention_heads
+        self.prefix = prefix  # [P]
+        D = self.bert.config.hidden_size
+        with torch.inference_mode():
+            self.cross = [(_heads(layer.crossattention.self.key(rows), self.heads),
+                           _heads(layer.crossattention.self.value(rows), self.heads)) for layer in self.layers]
+        self.cross_bias = None
+        if mask is not None:
+            if mask.shape != (B, T):
+                raise BlipError(f"image token mask of shape {tuple(mask.shape)}, expected {(B, T)}")
+            if not mask.any(-1).all():
+                raise BlipError("an image token mask reads no image token")
+            zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+            self.cross_bias = torch.where(mask.to(rows.device), zero, -math.inf)[:, None, None, :]
+        self.cache = [torch.zeros(B, 2, self.heads, max_positions, D // self.heads, dtype=rows.dtype,
+                                  device=rows.device) for _ in self.layers]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, pos: int, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b] at slot `pos` (pos 0: the start slot, which feeds the prefix [DEC] + prompt instead)
+        -> next-token logits [b, V] float32. `attention` [b, T]: filled with this step's cross-attention over the
+        image tokens, mean over decoder layers and heads."""
+        if pos == 0:
+            ids, first = self.prefix.expand(tokens.shape[0], -1), 0
+        else:
+            ids, first = tokens[:, None], len(self.prefix) - 1 + pos
+        return self.logits(ids, first, attention)[:, -1]
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor, first: int, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [b, S] at positions first..first+S-1 -> logits [b, S, V] float32 (the caches take their keys and
+        values). `attention` [b, T]: the last position's cross-attention, mean over layers and heads."""
+        S, last = ids.shape[1], first + ids.shape[1]
+        positions = torch.arange(first, last, device=ids.device)[None]
+        x = self.bert.embeddings(input_ids=ids, position_ids=positions)  # [b, S, D]
+        causal = None
+        if S > 1:  # position s reads positions 0..first+s
+            future = positions[0, :, None] < torch.arange(last, device=ids.device)
+            causal = torch.zeros(future.shape, dtype=x.dtype, device=x.device).masked_fill(future, -math.inf)
+        if attention is not None:
+            attention.zero_()
+        for layer, cache, (cross_k, cross_v) in zip(self.layers, self.cache, self.cross):
+            own = layer.attention
+            q = _heads(own.self.query(x), self.heads)
+            cache[:, 0, :, first:last] = _heads(own.self.key(x), self.heads)
+            cache[:, 1, :, first:last] = _heads(own.self.value(x), self.heads)
+            context, _ = _attend(q, cache[:, 0, :, :last], cache[:, 1, :, :last], causal)
+            x = own.output(context, x)  # dense, then LayerNorm(. + x)
+            cross = layer.crossattention
+            context, p = _attend(_heads(cross.self.query(x), self.heads), cross_k, cross_v, self.cross_bias)
+            x = layer.feed_forward_chunk(cross.output(context, x))
+            if attention is not None:
+                attention += p[:, :, -1].float().mean(1) / len(self.layers)
+        return self.head(x).float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Continue with these batch rows [b'], in this order (finished rows leave; beams reorder and repeat)."""
+        self.cache = [c.index_select(0, rows) for c in self.cache]
+        self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
+        if self.cross_bias is not None:
+            self.cross_bias = self.cross_bias.index_select(0, rows)

@@ -1,0 +1,206 @@
+"""The BLIP family on a tiny random BlipForConditionalGeneration saved to a temp dir and loaded through
+services.families.blip: what it reads at each layer, that its greedy captions are the model's own (`generate` at
+the last layer, the text decoder's `generate` fed that layer's post_layernorm tokens at every layer, the prompt
+as BLIP's conditional prefix), that scoring gives the log-probs decoding saw, and that rows and masks behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_families import blip_captioner
+
+from latent_verbalizer.services.families import blip
+
+SEQ_LEN = 9  # at most 8 generated tokens, end token included
+
+
+@pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory):
+    return blip_captioner(tmp_path_factory.mktemp("blip"))
+
+
+@pytest.fixture(scope="module")
+def family(blip_dir) -> blip.BlipFamily:
+    return blip.load(str(blip_dir))
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (20 + 7 * i, 30, 3), dtype=np.uint8)) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def pixels(family, images) -> torch.Tensor:
+    return torch.stack([family.preprocess(im) for im in images])
+
+
+def greedy(family: blip.BlipFamily, rows: torch.Tensor, mask: torch.Tensor | None = None, seq_len: int = SEQ_LEN):
+    """A minimal greedy driver of the Stepper (the project's decoding loop drives it the same way): per row the
+    generated tokens (end token cut) and the log-prob of each token it chose, end token included."""
+    B = rows.shape[0]
+    stepper = family.stepper(rows, mask, seq_len, attention=False)
+    alive, token = torch.arange(B), torch.full((B,), family.start_id)
+    tokens, logps = [[] for _ in range(B)], [[] for _ in range(B)]
+    for pos in range(seq_len - 1):
+        logits = stepper.step(token, pos)
+        token = logits.argmax(-1)
+        chosen = logits.log_softmax(-1).gather(1, token[:, None])[:, 0]
+        for r, t, lp in zip(alive.tolist(), token.tolist(), chosen.tolist()):
+            tokens[r].append(t)
+            logps[r].append(lp)
+        live = token != family.end_id
+        if not live.any():
+            break
+        alive, token = alive[live], token[live]
+        stepper.keep(live.nonzero()[:, 0])
+    return [t[:-1] if t and t[-1] == family.end_id else t for t in tokens], logps
+
+
+def cut(ids: list[int], end_id: int) -> list[int]:
+    return ids[: ids.index(end_id)] if end_id in ids else ids
+
+
+def test_loads_the_model_and_names_its_parts(family):
+    assert (family.family, family.num_layers, family.feature_layer) == ("blip", 4, 3)
+    assert family.start_id == family.tokenizer.convert_tokens_to_ids("[DEC]")
+    assert family.stop_ids == {family.tokenizer.convert_tokens_to_ids("[SEP]")}
+    assert family.prompt is None and family.prefix.tolist() == [family.start_id]
+    assert family.default_min_seq_len == 0 and not family.force_end_at_limit
+    assert "BlipForImageTextRetrieval" in family.extras["contrastive"]
+
+
+def test_latents_are_post_layernorm_of_each_block(family, pixels):
+    encoded = family.encode(pixels, list(range(family.num_layers)))
+    vision = family.model.vision_model
+    out = vision(pixel_values=pixels, output_hidden_states=True)
+    assert encoded.latents.shape == (4, 3, 10, 32)  # L, n, 1 + 3x3 patches, width
+    assert torch.equal(encoded.latents[-1], out.last_hidden_state)
+    for i in range(family.num_layers):
+        assert torch.allclose(encoded.latents[i], vision.post_layernorm(out.hidden_states[i + 1]))
+    with pytest.raises(blip.BlipError, match="vision blocks 0..3"):
+        family.encode(pixels, [4])
+
+
+def test_last_layer_greedy_is_the_models_generate(family, pixels):
+    latents = family.encode(pixels, [family.feature_layer]).latents[0]
+    ours, _ = greedy(family, latents)
+    reference = family.model.generate(pixel_values=pixels, max_new_tokens=SEQ_LEN - 1)
+    assert ours == [cut(r[1:], family.end_id) for r in reference.tolist()]
+
+
+def test_every_layer_greedy_is_the_text_decoders_generate_on_that_layer(family, pixels):
+    layers = list(range(family.num_layers))
+    latents = family.encode(pixels, layers).latents  # [L, n, T, C]
+    captions = greedy(family, latents.flatten(0, 1))[0]  # all layers and images in one batch, layer-major
+    vision = family.model.vision_model
+    hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states
+    reference = []
+    for i in layers:
+        out = family.model.text_decoder.generate(
+            input_ids=torch.full((len(pixels), 1), family.start_id), eos_token_id=family.end_id,
+            pad_token_id=family.pad_id, encoder_hidden_states=vision.post_layernorm(hidden[i + 1]),
+            max_new_tokens=SEQ_LEN - 1, do_sample=False)
+        reference += [cut(r[1:], family.end_id) for r in out.tolist()]
+    assert captions == reference
+    assert len({tuple(c) for c in captions}) > len(captions) // 2  # layers and images read differently
+
+
+def test_prompt_is_blips_conditional_prefix(blip_dir, pixels):
+    family = blip.load(str(blip_dir), prompt="a photo of")
+    assert family.tokenizer.convert_ids_to_tokens(family.prefix.tolist()) == ["[DEC]", "a", "photo", "of"]
+    latents = family.encode(pixels, [family.feature_layer]).latents[0]
+    ours, _ = greedy(family, latents)
+    inputs = family.processor(images=[Image.new("RGB", (8, 8))] * len(pixels), text=["a photo of"] * len(pixels),
+                              return_tensors="pt")
+    reference = family.model.generate(pixel_values=pixels, input_ids=inputs.input_ids, max_new_tokens=SEQ_LEN - 1)
+    assert ours == [cut(r[len(family.prefix):], family.end_id) for r in reference.tolist()]
+    assert any(ours)
+
+
+def test_score_gives_the_log_probs_decoding_saw(family, pixels):
+    rows = family.encode(pixels, [0, 2]).latents.flatten(0, 1)
+    tokens, logps = greedy(family, rows)
+    scored = family.score(rows, None, tokens)
+    ended = [len(lp) == len(t) + 1 for t, lp in zip(tokens, logps)]
+    assert any(ended) and not all(ended)  # both ways a caption stops are checked
+    for got, want, t in zip(scored, logps, tokens):
+        assert got.dtype == torch.float32 and got.shape == (len(t) + 1,)
+        if len(want) == len(t) + 1:  # ended with the end token (else it stopped at the length limit)
+            assert torch.allclose(got, torch.tensor(want), atol=1e-5)
+        else:
+            assert torch.allclose(got[:-1], torch.tensor(want), atol=1e-5)
+    # Given tokens need not be the model's choice: scoring one row alone gives the same log-probs.
+    other = [[7, 8, 9], []]
+    both = family.score(rows[:2], None, other)
+    assert torch.allclose(both[0], family.score(rows[:1], None, other[:1])[0], atol=1e-6)
+    assert both[1].shape == (1,)
+
+
+def test_rows_are_independent_of_their_batch(family, pixels):
+    rows = family.encode(pixels, [1, 3]).latents.flatten(0, 1)
+    together = greedy(family, rows)[0]
+    assert together == [greedy(family, rows[r : r + 1])[0][0] for r in range(len(rows))]
+    # keep() reorders and repeats rows as beam search does: each row's cache follows it.
+    stepper = family.stepper(rows[:2], None, SEQ_LEN, attention=False)
+    stepper.step(torch.full((2,), family.start_id), 0)
+    stepper.keep(torch.tensor([1, 0, 1]))
+    logits = stepper.step(torch.tensor([7, 7, 8]), 1)
+    for b, (r, t) in enumerate([(1, 7), (0, 7), (1, 8)]):
+        alone = family.stepper(rows[r : r + 1], None, SEQ_LEN, attention=False)
+        alone.step(torch.tensor([family.start_id]), 0)
+        assert torch.allclose(logits[b], alone.step(torch.tensor([t]), 1)[0], atol=1e-5)
+
+
+def test_a_mask_over_image_tokens_limits_what_is_read(family, pixels):
+    rows = family.encode(pixels, [3]).latents[0]  # [n, T, C]
+    T = rows.shape[1]
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    mask[:, :4] = True  # the class token and the first 3 patches
+    attention = torch.empty(len(rows), T)
+    stepper = family.stepper(rows, mask, SEQ_LEN, attention=True)
+    masked = stepper.step(torch.full((len(rows),), family.start_id), 0, attention)
+    # Masking the image tokens is reading only the unmasked ones.
+    cut_rows = family.stepper(rows[:, :4], None, SEQ_LEN, attention=False)
+    assert torch.allclose(masked, cut_rows.step(torch.full((len(rows),), family.start_id), 0), atol=1e-5)
+    whole = family.stepper(rows, None, SEQ_LEN, attention=False).step(torch.full((len(rows),), family.start_id), 0)
+    assert not torch.allclose(masked, whole, atol=1e-3)
+    assert (attention[:, 4:] == 0).all() and torch.allclose(attention.sum(-1), torch.ones(len(rows)))
+    assert greedy(family, rows, mask)[0] == greedy(family, rows[:, :4])[0]
+    assert torch.allclose(family.score(rows, mask, [[7, 8]])[0], family.score(rows[:1, :4], None, [[7, 8]])[0],
+                          atol=1e-5)
+    with pytest.raises(blip.BlipError, match="reads no image token"):
+        family.stepper(rows, torch.zeros(len(rows), T, dtype=torch.bool), SEQ_LEN, attention=False)
+
+
+def test_attention_is_each_steps_mean_cross_attention(family, pixels):
+    """The attention a step returns is the mean over decoder layers and heads of the model's own cross-attention
+    weights (transformers' `output_attentions`) from the newest position."""
+    rows = family.encode(pixels, [2]).latents[0]
+    n = len(rows)
+    stepper = family.stepper(rows, None, SEQ_LEN, attention=True)
+    first = torch.empty(n, rows.shape[1])
+    stepper.step(torch.full((n,), family.start_id), 0, first)
+    second = torch.empty(n, rows.shape[1])
+    stepper.step(torch.tensor([7] * n), 1, second)
+    out = family.model.text_decoder(input_ids=torch.tensor([[family.start_id, 7]] * n), encoder_hidden_states=rows,
+                                    output_attentions=True)
+    reference = torch.stack(out.cross_attentions).mean((0, 2))  # [n, S, T]
+    assert torch.allclose(first, reference[:, 0], atol=1e-6) and torch.allclose(second, reference[:, 1], atol=1e-6)
+
+
+def test_texts(family):
+    ids = family.tokenizer("two cats sitting", add_special_tokens=False).input_ids
+    assert family.decode_text(ids + [family.end_id]) == "two cats sitting"
+    assert family.token_texts(ids) == ["two", "cats", "sitting"]
+
+
+def test_bad_model_and_settings_are_named(tmp_path, family, pixels):
+    with pytest.raises(blip.BlipError, match="cannot load BLIP model"):
+        blip.load(str(tmp_path / "nowhere"))
+    with pytest.raises(blip.BlipError, match="dtype must be one of"):
+        blip.load("x", dtype="fp64")
+    with pytest.raises(blip.BlipError, match="exceeds the text decoder's 64 positions"):
+        family.stepper(pixels.new_zeros(1, 10, 32), None, 70, attention=False)
