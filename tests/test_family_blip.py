@@ -66,10 +66,11 @@ def cut(ids: list[int], end_id: int) -> list[int]:
 def test_loads_the_model_and_names_its_parts(family):
     assert (family.family, family.num_layers, family.feature_layer) == ("blip", 4, 3)
     assert family.start_id == family.tokenizer.convert_tokens_to_ids("[DEC]")
-    assert family.stop_ids == {family.tokenizer.convert_tokens_to_ids("[SEP]")}
+    assert family.stop_ids == family.end_ids == (family.tokenizer.convert_tokens_to_ids("[SEP]"),)
     assert family.prompt is None and family.prefix.tolist() == [family.start_id]
-    assert family.default_min_seq_len == 0 and not family.force_end_at_limit
-    assert "BlipForImageTextRetrieval" in family.extras["contrastive"]
+    assert family.default_min_seq_len == 1 and not family.force_end_at_limit  # generate blocks nothing
+    assert family.max_seq_len == 64
+    assert "BlipForImageTextRetrieval" in family.missing["contrastive"]
 
 
 def test_latents_are_post_layernorm_of_each_block(family, pixels):
@@ -111,6 +112,7 @@ def test_every_layer_greedy_is_the_text_decoders_generate_on_that_layer(family, 
 def test_prompt_is_blips_conditional_prefix(blip_dir, pixels):
     family = blip.load(str(blip_dir), prompt="a photo of")
     assert family.tokenizer.convert_ids_to_tokens(family.prefix.tolist()) == ["[DEC]", "a", "photo", "of"]
+    assert family.max_seq_len == 64 - 3
     latents = family.encode(pixels, [family.feature_layer]).latents[0]
     ours, _ = greedy(family, latents)
     inputs = family.processor(images=[Image.new("RGB", (8, 8))] * len(pixels), text=["a photo of"] * len(pixels),
@@ -203,4 +205,6 @@ def test_bad_model_and_settings_are_named(tmp_path, family, pixels):
     with pytest.raises(blip.BlipError, match="dtype must be one of"):
         blip.load("x", dtype="fp64")
     with pytest.raises(blip.BlipError, match="exceeds the text decoder's 64 positions"):
-        family.stepper(pixels.new_zeros(1, 10, 32), None, 70, attention=False)
+        family.stepper(pixels.new_zeros(1, 10, 32), None, 65)
+    with pytest.raises(blip.BlipError, match="no contrastive"):
+        family.encode(pixels, [0], contrastive=True)

@@ -74,7 +74,7 @@ class BlipFamily:
     family = "blip"
     pretrained = None
     force_end_at_limit = False  # as the model's generate: at the length limit a caption just stops
-    extras = {"contrastive": NO_CONTRASTIVE, "regions": None, "attributions": None}  # None: available
+    missing = {"contrastive": NO_CONTRASTIVE}  # extras it lacks -> why
 
     def __init__(self, model: BlipForConditionalGeneration, processor, name: str, device: torch.device,
                  dtype: torch.dtype, prompt: str | None = None) -> None:
@@ -86,13 +86,17 @@ class BlipFamily:
         self.name, self.device, self.dtype, self.prompt = name, device, dtype, prompt
         self.num_layers = model.config.vision_config.num_hidden_layers
         self.feature_layer = self.num_layers - 1  # the model reads its last block
-        self.start_id, self.end_id, self.pad_id = text.bos_token_id, text.sep_token_id, text.pad_token_id
-        self.stop_ids = {self.end_id}  # BLIP's generate passes eos_token_id = sep_token_id
+        self.start_id, self.pad_id = text.bos_token_id, text.pad_token_id
+        self.end_ids = self.stop_ids = (text.sep_token_id,)  # BLIP's generate passes eos_token_id = sep_token_id
         self.prefix = self._prefix(prompt)  # [P] long: what the start slot feeds
         # HF's min_length counts the whole sequence, the prefix included; ours counts the start slot as one.
         min_length = model.text_decoder.generation_config.min_length or 0
-        self.default_min_seq_len = max(0, min_length - (len(self.prefix) - 1))
-        self.max_positions = text.max_position_embeddings
+        self.default_min_seq_len = max(1, min_length - (len(self.prefix) - 1))
+        self.max_seq_len = text.max_position_embeddings - (len(self.prefix) - 1)  # the start slot holds the prefix
+
+    @property
+    def end_id(self) -> int:
+        return self.end_ids[0]
 
     def _prefix(self, prompt: str | None) -> torch.Tensor:
         """[DEC] and the prompt's tokens, built as `BlipForConditionalGeneration.generate` builds its input_ids:
@@ -109,9 +113,11 @@ class BlipFamily:
         return self.processor.image_processor(images=image.convert("RGB"), return_tensors="pt").pixel_values[0]
 
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor, layers: list[int]) -> Encoded:
+    def encode(self, pixels: torch.Tensor, layers: list[int], *, contrastive: bool = False) -> Encoded:
         """pixels [n, 3, H, W] -> latents [L, n, T, C]: ONE vision forward, each selected block's residual stream
         through post_layernorm (for the last block: exactly the model's last_hidden_state)."""
+        if contrastive:
+            raise BlipError(f"blip model {self.name} has no contrastive: {NO_CONTRASTIVE}")
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
             raise BlipError(f"layers {bad} out of range: {self.name} has vision blocks 0..{self.num_layers - 1}")
@@ -121,11 +127,15 @@ class BlipFamily:
 
     # --- decoder side ---
 
-    def stepper(self, rows: torch.Tensor, mask: torch.Tensor | None, max_len: int, attention: bool) -> Stepper:
-        """rows [B, T, C] image tokens, mask [B, T] bool (True = read; None = all), max_len = seq_len."""
-        if len(self.prefix) + max_len - 1 > self.max_positions:
+    def stepper(self, rows: torch.Tensor, mask: torch.Tensor | None, max_len: int, attention: bool = False,
+                text_embeddings: bool = False) -> Stepper:
+        """rows [B, T, C] image tokens, mask [B, T] bool (True = read; None = all), max_len = seq_len. The attention
+        a step fills needs nothing prepared, so `attention` changes nothing here."""
+        if text_embeddings:
+            raise BlipError(f"blip model {self.name} has no contrastive: {NO_CONTRASTIVE}")
+        if max_len > self.max_seq_len:
             raise BlipError(f"seq_len {max_len} with a {len(self.prefix)}-token prefix exceeds the text decoder's"
-                            f" {self.max_positions} positions")
+                            f" {self.model.config.text_config.max_position_embeddings} positions")
         return Stepper(self.model.text_decoder, rows.to(self.device, self.dtype), mask, self.prefix.to(self.device),
                        len(self.prefix) + max_len)
 
