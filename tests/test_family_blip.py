@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tiny_families import blip_captioner
 
-from latent_verbalizer.services.families import blip
+from latent_verbalizer.services.families import FamilyError, blip
 
 SEQ_LEN = 9  # at most 8 generated tokens, end token included
 
@@ -81,7 +81,7 @@ def test_latents_are_post_layernorm_of_each_block(family, pixels):
     assert torch.equal(encoded.latents[-1], out.last_hidden_state)
     for i in range(family.num_layers):
         assert torch.allclose(encoded.latents[i], vision.post_layernorm(out.hidden_states[i + 1]))
-    with pytest.raises(blip.BlipError, match="vision blocks 0..3"):
+    with pytest.raises(ValueError, match="vision blocks 0..3"):
         family.encode(pixels, [4])
 
 
@@ -92,7 +92,7 @@ def test_last_layer_greedy_is_the_models_generate(family, pixels):
     assert ours == [cut(r[1:], family.end_id) for r in reference.tolist()]
 
 
-def test_every_layer_greedy_is_the_text_decoders_generate_on_that_layer(family, pixels):
+def test_every_layer_greedy_is_the_text_decoders_generate_on_that_layer(family, images, pixels):
     layers = list(range(family.num_layers))
     latents = family.encode(pixels, layers).latents  # [L, n, T, C]
     captions = greedy(family, latents.flatten(0, 1))[0]  # all layers and images in one batch, layer-major
@@ -106,10 +106,11 @@ def test_every_layer_greedy_is_the_text_decoders_generate_on_that_layer(family, 
             max_new_tokens=SEQ_LEN - 1, do_sample=False)
         reference += [cut(r[1:], family.end_id) for r in out.tolist()]
     assert captions == reference
+    assert captions[-len(pixels):] == [blip.reference_tokens(family, im, 3, SEQ_LEN - 1) for im in images]
     assert len({tuple(c) for c in captions}) > len(captions) // 2  # layers and images read differently
 
 
-def test_prompt_is_blips_conditional_prefix(blip_dir, pixels):
+def test_prompt_is_blips_conditional_prefix(blip_dir, images, pixels):
     family = blip.load(str(blip_dir), prompt="a photo of")
     assert family.tokenizer.convert_ids_to_tokens(family.prefix.tolist()) == ["[DEC]", "a", "photo", "of"]
     assert family.max_seq_len == 64 - 3
@@ -120,6 +121,7 @@ def test_prompt_is_blips_conditional_prefix(blip_dir, pixels):
     reference = family.model.generate(pixel_values=pixels, input_ids=inputs.input_ids, max_new_tokens=SEQ_LEN - 1)
     assert ours == [cut(r[len(family.prefix):], family.end_id) for r in reference.tolist()]
     assert any(ours)
+    assert ours == [blip.reference_tokens(family, im, family.feature_layer, SEQ_LEN - 1) for im in images]
 
 
 def test_score_gives_the_log_probs_decoding_saw(family, pixels):
@@ -173,7 +175,7 @@ def test_a_mask_over_image_tokens_limits_what_is_read(family, pixels):
     assert greedy(family, rows, mask)[0] == greedy(family, rows[:, :4])[0]
     assert torch.allclose(family.score(rows, mask, [[7, 8]])[0], family.score(rows[:1, :4], None, [[7, 8]])[0],
                           atol=1e-5)
-    with pytest.raises(blip.BlipError, match="reads no image token"):
+    with pytest.raises(ValueError, match="reads no image token"):
         family.stepper(rows, torch.zeros(len(rows), T, dtype=torch.bool), SEQ_LEN, attention=False)
 
 
@@ -193,18 +195,26 @@ def test_attention_is_each_steps_mean_cross_attention(family, pixels):
     assert torch.allclose(first, reference[:, 0], atol=1e-6) and torch.allclose(second, reference[:, 1], atol=1e-6)
 
 
+def test_geometry_places_pixels_where_the_image_processor_puts_them(family):
+    geometry = family.geometry
+    assert (geometry.grid, geometry.class_token) == ((3, 3), True)
+    placed = geometry.place(48, 30)  # squashed to 24 x 24, nothing cropped
+    assert placed.to_input((0, 0, 48, 30)) == (0, 0, 24, 24)
+    assert placed.to_input((12, 10, 24, 20)) == (6, 8, 12, 16)
+
+
 def test_texts(family):
-    ids = family.tokenizer("two cats sitting", add_special_tokens=False).input_ids
-    assert family.decode_text(ids + [family.end_id]) == "two cats sitting"
-    assert family.token_texts(ids) == ["two", "cats", "sitting"]
+    ids = family.tokenizer("two cars sitting", add_special_tokens=False).input_ids
+    assert family.decode_text(ids + [family.end_id]) == "two cars sitting"
+    assert family.token_texts(ids) == ["two", " car", "s", " sitting"]
 
 
 def test_bad_model_and_settings_are_named(tmp_path, family, pixels):
-    with pytest.raises(blip.BlipError, match="cannot load BLIP model"):
+    with pytest.raises(FamilyError, match="cannot load BLIP model"):
         blip.load(str(tmp_path / "nowhere"))
-    with pytest.raises(blip.BlipError, match="dtype must be one of"):
+    with pytest.raises(FamilyError, match="dtype must be one of"):
         blip.load("x", dtype="fp64")
-    with pytest.raises(blip.BlipError, match="exceeds the text decoder's 64 positions"):
+    with pytest.raises(ValueError, match="exceeds the text decoder's 64 positions"):
         family.stepper(pixels.new_zeros(1, 10, 32), None, 65)
-    with pytest.raises(blip.BlipError, match="no contrastive"):
+    with pytest.raises(FamilyError, match="no contrastive"):
         family.encode(pixels, [0], contrastive=True)

@@ -27,50 +27,48 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
+from latent_verbalizer.services.encoder.regions import Placement
+from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper
+from latent_verbalizer.shared.models import DTYPES, resolve_device
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_CONTRASTIVE = ("BlipForConditionalGeneration has no image-text head (BLIP's ITM/ITC heads live in"
                   " BlipForImageTextRetrieval checkpoints): image_score and retrieval_rank are null")
-ATTENTION_METHOD = "text decoder cross-attention over the image tokens, mean over decoder layers and heads"
 
 
-class BlipError(ValueError):
-    """A BLIP model or input that cannot be used, with a reason the user can act on."""
-
-
-@dataclass
-class Encoded:
-    latents: torch.Tensor  # [L, n, T, C]: post_layernorm(hidden_states[i + 1]) per selected layer i
-
-
-def load(name: str, device: str = "cpu", dtype: str = "fp32", prompt: str | None = None) -> BlipFamily:
-    """A BLIP captioner from a hub id or a local `save_pretrained` directory (model and processor)."""
+def load(model: str | Path, device: str = "cpu", dtype: str = "fp32", prompt: str | None = None) -> BlipFamily:
+    """A BLIP captioner from a hub id or a local `save_pretrained` directory (model and processor). fp32 by
+    default; bf16 works on a GPU. `prompt`: BLIP's conditional text prefix (None: none, as the model's default)."""
+    name = str(model)
     if dtype not in DTYPES:
-        raise BlipError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                "cpu" if device == "auto" else device)
+        raise FamilyError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     try:
-        model = BlipForConditionalGeneration.from_pretrained(name, torch_dtype=DTYPES[dtype])
+        blip = BlipForConditionalGeneration.from_pretrained(name, torch_dtype=DTYPES[dtype])
         processor = AutoProcessor.from_pretrained(name)
     except (OSError, ValueError) as e:  # no such directory, not a hub id, not on the hub or not in its cache
-        raise BlipError(f"cannot load BLIP model {name!r} ({e}). Name a directory written by save_pretrained"
-                        " (model and processor), or a hub id such as Salesforce/blip-image-captioning-base; offline,"
-                        " copy the hub cache that holds it (HF_HOME) to this machine, or save_pretrained it"
-                        " elsewhere and copy that directory.") from e
-    model.to(torch_device).eval().requires_grad_(False)
-    log.info("model loaded", extra={"model": name, "family": "blip", "device": str(torch_device)})
-    return BlipFamily(model, processor, name, torch_device, DTYPES[dtype], prompt)
+        raise FamilyError(f"cannot load BLIP model {name!r} ({e}). Name a directory written by save_pretrained"
+                          " (config.json, the weights, the tokenizer and processor files) or a hub id such as"
+                          " Salesforce/blip-image-captioning-base; offline, copy such a directory here, or fill the"
+                          " Hugging Face cache (HF_HOME) for it where the network allows.") from e
+    torch_device = resolve_device(device)
+    blip.to(torch_device).eval().requires_grad_(False)
+    family = BlipFamily(blip, processor, name, torch_device, DTYPES[dtype], prompt)
+    log.info("model loaded", extra={"model": name, "family": "blip", "device": str(torch_device),
+                                    "layers": family.num_layers, "prefix_tokens": len(family.prefix)})
+    return family
 
 
-class BlipFamily:
+class BlipFamily(Family):
+    """One loaded BLIP captioner behind the family interface (services/families/base.py)."""
+
     family = "blip"
     pretrained = None
     force_end_at_limit = False  # as the model's generate: at the length limit a caption just stops
@@ -80,8 +78,8 @@ class BlipFamily:
                  dtype: torch.dtype, prompt: str | None = None) -> None:
         text = model.config.text_config
         if getattr(text, "position_embedding_type", "absolute") != "absolute":
-            raise BlipError(f"{name}: text position embeddings {text.position_embedding_type!r} are not supported"
-                            " (BLIP captioners use 'absolute')")
+            raise FamilyError(f"{name}: text position embeddings {text.position_embedding_type!r} are not supported"
+                              " (BLIP captioners use 'absolute')")
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.name, self.device, self.dtype, self.prompt = name, device, dtype, prompt
         self.num_layers = model.config.vision_config.num_hidden_layers
@@ -93,10 +91,6 @@ class BlipFamily:
         min_length = model.text_decoder.generation_config.min_length or 0
         self.default_min_seq_len = max(1, min_length - (len(self.prefix) - 1))
         self.max_seq_len = text.max_position_embeddings - (len(self.prefix) - 1)  # the start slot holds the prefix
-
-    @property
-    def end_id(self) -> int:
-        return self.end_ids[0]
 
     def _prefix(self, prompt: str | None) -> torch.Tensor:
         """[DEC] and the prompt's tokens, built as `BlipForConditionalGeneration.generate` builds its input_ids:
@@ -112,15 +106,33 @@ class BlipFamily:
         """The model's own image processor: PIL image -> [3, H, W] float32."""
         return self.processor.image_processor(images=image.convert("RGB"), return_tensors="pt").pixel_values[0]
 
+    @property
+    def geometry(self) -> Geometry:
+        """The image tokens are the class token, then the patches row-major; the image processor resizes the
+        whole image to the input size (no crop)."""
+        vision = self.model.config.vision_config
+        side, patch = vision.image_size, vision.patch_size
+        size = dict(self.processor.image_processor.size)
+        if not self.processor.image_processor.do_resize or (size.get("height"), size.get("width")) != (side, side):
+            raise FamilyError(f"regions cannot be placed: the image processor gives {size}, the model reads {side}")
+        return Geometry((side, side), (patch, patch), True,
+                        lambda w, h: Placement((w, h), (side, side), (side / w, side / h), (0.0, 0.0)))
+
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor, layers: list[int], *, contrastive: bool = False) -> Encoded:
+    def encode(self, pixels: torch.Tensor, layers: list[int], *, contrastive: bool = False,
+               key_mask: torch.Tensor | None = None, attributions: bool = False) -> Encoded:
         """pixels [n, 3, H, W] -> latents [L, n, T, C]: ONE vision forward, each selected block's residual stream
-        through post_layernorm (for the last block: exactly the model's last_hidden_state)."""
+        through post_layernorm (for the last block: exactly the model's last_hidden_state). Regions and word maps
+        need nothing more from the encoder: a region is a row mask over the image tokens (`stepper`, `score`), a
+        word map the decoder's cross-attention over them (`BlipStepper.step`)."""
         if contrastive:
-            raise BlipError(f"blip model {self.name} has no contrastive: {NO_CONTRASTIVE}")
+            self.require("contrastive")
+        if key_mask is not None:
+            raise ValueError("BLIP reads a region through a row mask over its image tokens (the stepper's mask),"
+                             " not an encoder key mask")
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
-            raise BlipError(f"layers {bad} out of range: {self.name} has vision blocks 0..{self.num_layers - 1}")
+            raise ValueError(f"layers {bad} out of range: {self.name} has vision blocks 0..{self.num_layers - 1}")
         vision = self.model.vision_model
         hidden = vision(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True).hidden_states
         return Encoded(vision.post_layernorm(torch.stack([hidden[i + 1] for i in layers])))
@@ -128,16 +140,16 @@ class BlipFamily:
     # --- decoder side ---
 
     def stepper(self, rows: torch.Tensor, mask: torch.Tensor | None, max_len: int, attention: bool = False,
-                text_embeddings: bool = False) -> Stepper:
+                text_embeddings: bool = False) -> BlipStepper:
         """rows [B, T, C] image tokens, mask [B, T] bool (True = read; None = all), max_len = seq_len. The attention
         a step fills needs nothing prepared, so `attention` changes nothing here."""
         if text_embeddings:
-            raise BlipError(f"blip model {self.name} has no contrastive: {NO_CONTRASTIVE}")
+            self.require("contrastive")
         if max_len > self.max_seq_len:
-            raise BlipError(f"seq_len {max_len} with a {len(self.prefix)}-token prefix exceeds the text decoder's"
-                            f" {self.model.config.text_config.max_position_embeddings} positions")
-        return Stepper(self.model.text_decoder, rows.to(self.device, self.dtype), mask, self.prefix.to(self.device),
-                       len(self.prefix) + max_len)
+            raise ValueError(f"seq_len {max_len} with a {len(self.prefix)}-token prefix exceeds the text decoder's"
+                             f" {self.model.config.text_config.max_position_embeddings} positions")
+        return BlipStepper(self.model.text_decoder, rows.to(self.device, self.dtype), mask,
+                           self.prefix.to(self.device), len(self.prefix) + max_len)
 
     @torch.inference_mode()
     def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
@@ -160,14 +172,14 @@ class BlipFamily:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token's own text (WordPiece: a piece that continues a word starts with '##')."""
-        return self.tokenizer.convert_ids_to_tokens(ids)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """The patch grid (rows, columns) behind image tokens 1..T-1 (token 0 is the class token)."""
-        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
-        return side, side
+        """Each token's text as it appears in the decoded caption (they join to `decode_text`): a word's first
+        piece with the space before it, a WordPiece continuation ('##s') without."""
+        texts, before = [], ""
+        for k in range(len(ids)):
+            upto = self.decode_text(ids[: k + 1])
+            texts.append(upto[len(before):] if upto.startswith(before) else self.tokenizer.decode(ids[k : k + 1]))
+            before = upto
+        return texts
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -186,7 +198,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return context.reshape(*context.shape[:2], -1), p
 
 
-class Stepper:
+class BlipStepper(Stepper):
     """BLIP's text decoder over B rows of image tokens, with caches:
         self-attention  keys/values [B, H, S_max, Dh] per decoder layer, filled position by position;
         cross-attention keys/values [B, H, T, Dh] per decoder layer, projected once from the rows' image tokens,
@@ -206,9 +218,9 @@ class Stepper:
         self.cross_bias = None
         if mask is not None:
             if mask.shape != (B, T):
-                raise BlipError(f"image token mask of shape {tuple(mask.shape)}, expected {(B, T)}")
+                raise ValueError(f"image token mask of shape {tuple(mask.shape)}, expected {(B, T)}")
             if not mask.any(-1).all():
-                raise BlipError("an image token mask reads no image token")
+                raise ValueError("an image token mask reads no image token")
             zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
             self.cross_bias = torch.where(mask.to(rows.device), zero, -math.inf)[:, None, None, :]
         self.cache = [torch.zeros(B, 2, self.heads, max_positions, D // self.heads, dtype=rows.dtype,
@@ -258,3 +270,23 @@ class Stepper:
         self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
         if self.cross_bias is not None:
             self.cross_bias = self.cross_bias.index_select(0, rows)
+
+
+@torch.inference_mode()
+def reference_tokens(family: BlipFamily, image: Image.Image, layer: int, max_new: int) -> list[int]:
+    """The model's own code path at `layer`, which the family's greedy captions equal token for token (tests,
+    bench/family_bench.py): the vision model's hidden_states[layer + 1] through post_layernorm into
+    `text_decoder.generate` with the input_ids, end and pad ids `BlipForConditionalGeneration.generate` gives it
+    (at the last layer that IS the model's generate), max_new_tokens, greedy -> the ids after the prefix, the end
+    token and what follows removed (as results.jsonl's `tokens`)."""
+    model, text = family.model, family.model.config.text_config
+    pixels = family.processor(images=image, return_tensors="pt").pixel_values.to(family.device, family.dtype)
+    hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer + 1]
+    input_ids = family.processor(text=family.prompt, return_tensors="pt").input_ids if family.prompt else \
+        torch.tensor([[text.bos_token_id, text.eos_token_id]])
+    input_ids[:, 0] = text.bos_token_id
+    out = model.text_decoder.generate(input_ids=input_ids[:, :-1].to(family.device), eos_token_id=text.sep_token_id,
+                                      pad_token_id=text.pad_token_id, max_new_tokens=max_new, do_sample=False,
+                                      encoder_hidden_states=model.vision_model.post_layernorm(hidden))
+    generated = out[0, input_ids.shape[1] - 1 :].tolist()
+    return generated[: generated.index(text.sep_token_id)] if text.sep_token_id in generated else generated
