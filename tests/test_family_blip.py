@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_families import blip_captioner
+from tiny_families import tiny_blip
 
 from latent_verbalizer.services.families import FamilyError, blip
 
@@ -18,7 +18,7 @@ SEQ_LEN = 9  # at most 8 generated tokens, end token included
 
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory):
-    return blip_captioner(tmp_path_factory.mktemp("blip"))
+    return tiny_blip(tmp_path_factory.mktemp("blip"))
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,10 @@ def _trained_like(model: nn.Module, seed: int) -> None:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
 
-def blip_captioner(path: Path, vision_layers: int = 4, seed: int = 1) -> Path:
-    """A BlipForConditionalGeneration (vision: `vision_layers` blocks of width 32 over a 3x3 patch grid of a 24-px
-    input; text decoder: 2 layers of width 32) with a WordPiece tokenizer whose bos is [DEC], and its
+def tiny_blip(path: Path, *, layers: int = 4, image_size: int = 24, patch: int = 8, text_layers: int = 2,
+              width: int = 32, init: float = 0.4, seed: int = 1) -> Path:
+    """A BlipForConditionalGeneration (vision: `layers` blocks over a grid of (image_size / patch)^2 patches; text
+    decoder: `text_layers` layers; both `width` wide) with a WordPiece tokenizer whose bos is [DEC], and its
     BlipProcessor, saved to `path`."""
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS]
@@ -36,19 +37,20 @@ def blip_captioner(path: Path, vision_layers: int = 4, seed: int = 1) -> Path:
     words.write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(words), do_lower_case=True, bos_token="[DEC]")
     words.unlink()  # the tokenizer saves its own vocabulary below
+    heads = max(4, width // 32)
     config = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=vision_layers,
-                           num_attention_heads=4, image_size=24, patch_size=8, initializer_range=0.4),
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, initializer_range=0.4,
-                         bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]"),
+        vision_config=dict(hidden_size=width, intermediate_size=width + 5, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=image_size, patch_size=patch, initializer_range=init),
+        text_config=dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=width + 5,
+                         num_hidden_layers=text_layers, num_attention_heads=heads, max_position_embeddings=64,
+                         initializer_range=init, bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]"),
                          eos_token_id=vocab.index("[SEP]"), pad_token_id=vocab.index("[PAD]")),
     )
-    config.initializer_range = 0.4  # BlipConfig fixes it at 0.02 in __init__
+    config.initializer_range = init  # BlipConfig fixes it at 0.02 in __init__
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config).eval()
     _trained_like(model, seed + 1)
     model.save_pretrained(path)
-    processor = BlipProcessor(BlipImageProcessor(size={"height": 24, "width": 24}), tokenizer)
+    processor = BlipProcessor(BlipImageProcessor(size={"height": image_size, "width": image_size}), tokenizer)
     processor.save_pretrained(path)
     return path

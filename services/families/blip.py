@@ -200,9 +200,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
 
 class BlipStepper(Stepper):
     """BLIP's text decoder over B rows of image tokens, with caches:
-        self-attention  keys/values [B, H, S_max, Dh] per decoder layer, filled position by position;
+        self-attention  keys/values [B, 2, H, S_max, Dh] per decoder layer, filled position by position;
         cross-attention keys/values [B, H, T, Dh] per decoder layer, projected once from the rows' image tokens,
-                        with the rows' mask as an additive bias [B, 1, 1, T] (0 read, -inf not)."""
+                        with the rows' mask as an additive bias [B, 1, 1, T] (0 read, -inf not).
+    A step's attention over the image tokens (word -> patch maps) is the cross-attention of its newest position,
+    the plain mean over decoder layers and heads: every decoder layer reads the image tokens directly (its own
+    keys and values of the same tokens, not the previous layer's output), and each layer's cross-attention adds
+    to the residual stream, so the mean weighs them alike with no layer chosen by hand; for CoCa the same mean
+    was measured against last-layers-only choices and pointed best (services.decoder.attribution). No trained
+    BLIP weights are at hand offline, so there is no BLIP-specific measurement behind the choice."""
 
     def __init__(self, text_decoder: nn.Module, rows: torch.Tensor, mask: torch.Tensor | None,
                  prefix: torch.Tensor, max_positions: int) -> None:
