@@ -91,7 +91,7 @@ def layers_choice(n: int, device: str = "cpu") -> dict:
         image = decode_image(item.data)
         tokens = result.layers[0].tokens
         image_tokens, pool_weights = reference.pooler_weights(visual, lm.preprocess(image)[None].to(lm.device), last)
-        per_layer = reference.cross_attention(lm.model, image_tokens, tokens, lm.sot_id)  # [layers, S, Q-1]
+        per_layer = reference.cross_attention(lm.model, image_tokens, tokens, lm.start_id)  # [layers, S, Q-1]
         pieces = [lm.tokenizer.decode([t]) for t in tokens]
         box = input_box(lm.preprocess, *image.size)
         for name, layers in choices.items():

@@ -98,6 +98,14 @@ def describe(source: ModelSource, pretrained: str | None, prompt: str | None) ->
             "missing": MISSING[source.family]}
 
 
+def config_layers(model: str, family: str | None = None) -> int | None:
+    """The model's vision blocks from its config, before loading it; None when that cannot be told here."""
+    try:
+        return describe(resolve(model, family, fetch=False), None, None)["layers"]
+    except FamilyError:
+        return None
+
+
 def resolve_location(name: str, family: str, location: str) -> ModelSource:
     """A project model's source (its shipped directory must be there)."""
     if family == "coca":
