@@ -80,7 +80,7 @@ def _strip(row: list[int], lm) -> list[int]:
     """open_clip output row -> generated tokens without start, end and trailing pad tokens."""
     out = []
     for t in row[1:]:
-        if t == lm.eot_id:
+        if t == lm.end_id:
             break
         out.append(t)
         if t == lm.pad_id:
