@@ -1,9 +1,12 @@
 """The BLIP family on a tiny random BlipForConditionalGeneration saved to a temp dir and loaded through
-services.families.blip: what it reads at each layer, that its greedy captions are the model's own (`generate` at
-the last layer, the text decoder's `generate` fed that layer's post_layernorm tokens at every layer, the prompt
-as BLIP's conditional prefix), that scoring gives the log-probs decoding saw, and that rows and masks behave."""
+services.families.blip: what it reads at each layer, that its greedy captions through the project's one decoding
+loop are the model's own (`generate` at the last layer, the text decoder's `generate` fed that layer's
+post_layernorm tokens at every layer, the prompt as BLIP's conditional prefix), that scoring gives the log-probs
+decoding saw, that rows and masks behave, and `verbalize --model DIR` end to end (regions, word maps)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -11,7 +14,11 @@ import torch
 from PIL import Image
 from tiny_families import tiny_blip
 
-from latent_verbalizer.services.families import FamilyError, blip
+from latent_verbalizer.services.cli import main
+from latent_verbalizer.services.decoder.stage import decode, decode_layers
+from latent_verbalizer.services.families import FamilyError, blip, load_family
+from latent_verbalizer.shared.attributions import map_key, read_attributions
+from latent_verbalizer.shared.schemas import DecodeParams
 
 SEQ_LEN = 9  # at most 8 generated tokens, end token included
 
@@ -37,8 +44,13 @@ def pixels(family, images) -> torch.Tensor:
     return torch.stack([family.preprocess(im) for im in images])
 
 
+def greedy_tokens(family: blip.BlipFamily, rows: torch.Tensor, seq_len: int = SEQ_LEN) -> list[list[int]]:
+    """rows [R, T, C] -> each row's greedy tokens through the project's decoding loop."""
+    return [d.tokens for d in decode(family, rows, DecodeParams(seq_len=seq_len, min_seq_len=1))]
+
+
 def greedy(family: blip.BlipFamily, rows: torch.Tensor, mask: torch.Tensor | None = None, seq_len: int = SEQ_LEN):
-    """A minimal greedy driver of the Stepper (the project's decoding loop drives it the same way): per row the
+    """Drives the stepper greedily as the decoding loop does, keeping what the loop does not return: per row the
     generated tokens (end token cut) and the log-prob of each token it chose, end token included."""
     B = rows.shape[0]
     stepper = family.stepper(rows, mask, seq_len, attention=False)
@@ -87,7 +99,8 @@ def test_latents_are_post_layernorm_of_each_block(family, pixels):
 
 def test_last_layer_greedy_is_the_models_generate(family, pixels):
     latents = family.encode(pixels, [family.feature_layer]).latents[0]
-    ours, _ = greedy(family, latents)
+    ours = greedy_tokens(family, latents)
+    assert ours == greedy(family, latents)[0]
     reference = family.model.generate(pixel_values=pixels, max_new_tokens=SEQ_LEN - 1)
     assert ours == [cut(r[1:], family.end_id) for r in reference.tolist()]
 
@@ -95,7 +108,8 @@ def test_last_layer_greedy_is_the_models_generate(family, pixels):
 def test_every_layer_greedy_is_the_text_decoders_generate_on_that_layer(family, images, pixels):
     layers = list(range(family.num_layers))
     latents = family.encode(pixels, layers).latents  # [L, n, T, C]
-    captions = greedy(family, latents.flatten(0, 1))[0]  # all layers and images in one batch, layer-major
+    decoded = decode_layers(family, latents, layers, ["a", "b", "c"], DecodeParams(seq_len=SEQ_LEN, min_seq_len=1))
+    captions = [decoded[i * len(layers) + j].tokens for j in layers for i in range(len(pixels))]  # layer-major
     vision = family.model.vision_model
     hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states
     reference = []
@@ -115,7 +129,7 @@ def test_prompt_is_blips_conditional_prefix(blip_dir, images, pixels):
     assert family.tokenizer.convert_ids_to_tokens(family.prefix.tolist()) == ["[DEC]", "a", "photo", "of"]
     assert family.max_seq_len == 64 - 3
     latents = family.encode(pixels, [family.feature_layer]).latents[0]
-    ours, _ = greedy(family, latents)
+    ours = greedy_tokens(family, latents)
     inputs = family.processor(images=[Image.new("RGB", (8, 8))] * len(pixels), text=["a photo of"] * len(pixels),
                               return_tensors="pt")
     reference = family.model.generate(pixel_values=pixels, input_ids=inputs.input_ids, max_new_tokens=SEQ_LEN - 1)
@@ -145,8 +159,8 @@ def test_score_gives_the_log_probs_decoding_saw(family, pixels):
 
 def test_rows_are_independent_of_their_batch(family, pixels):
     rows = family.encode(pixels, [1, 3]).latents.flatten(0, 1)
-    together = greedy(family, rows)[0]
-    assert together == [greedy(family, rows[r : r + 1])[0][0] for r in range(len(rows))]
+    together = greedy_tokens(family, rows)
+    assert together == [greedy_tokens(family, rows[r : r + 1])[0] for r in range(len(rows))]
     # keep() reorders and repeats rows as beam search does: each row's cache follows it.
     stepper = family.stepper(rows[:2], None, SEQ_LEN, attention=False)
     stepper.step(torch.full((2,), family.start_id), 0)
@@ -172,7 +186,8 @@ def test_a_mask_over_image_tokens_limits_what_is_read(family, pixels):
     whole = family.stepper(rows, None, SEQ_LEN, attention=False).step(torch.full((len(rows),), family.start_id), 0)
     assert not torch.allclose(masked, whole, atol=1e-3)
     assert (attention[:, 4:] == 0).all() and torch.allclose(attention.sum(-1), torch.ones(len(rows)))
-    assert greedy(family, rows, mask)[0] == greedy(family, rows[:, :4])[0]
+    params = DecodeParams(seq_len=SEQ_LEN, min_seq_len=1)
+    assert [d.tokens for d in decode(family, rows, params, masks=mask)] == greedy_tokens(family, rows[:, :4])
     assert torch.allclose(family.score(rows, mask, [[7, 8]])[0], family.score(rows[:1, :4], None, [[7, 8]])[0],
                           atol=1e-5)
     with pytest.raises(ValueError, match="reads no image token"):
@@ -210,11 +225,50 @@ def test_texts(family):
 
 
 def test_bad_model_and_settings_are_named(tmp_path, family, pixels):
-    with pytest.raises(FamilyError, match="cannot load BLIP model"):
-        blip.load(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip"}))
+    with pytest.raises(FamilyError, match="not a loadable BLIP directory"):
+        load_family(str(tmp_path))
+    with pytest.raises(FamilyError, match="leave --pretrained out"):
+        load_family(str(family.name), pretrained="x")
     with pytest.raises(FamilyError, match="dtype must be one of"):
         blip.load("x", dtype="fp64")
     with pytest.raises(ValueError, match="exceeds the text decoder's 64 positions"):
         family.stepper(pixels.new_zeros(1, 10, 32), None, 65)
     with pytest.raises(FamilyError, match="no contrastive"):
         family.encode(pixels, [0], contrastive=True)
+
+
+def test_verbalize_captions_every_layer_as_the_model_does(blip_dir, images, tmp_path):
+    """`verbalize DIR --model BLIP_DIR`: every layer's tokens are the model's own path at that layer; a region's
+    captions read only the region's patches; word maps cover the patch grid; no contrastive score, and said."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, im in enumerate(images[:2]):
+        im.save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["verbalize", str(folder), "--out", str(out), "--model", str(blip_dir), "--seq-len", str(SEQ_LEN),
+                 "--device", "cpu", "--attributions", "--region", "left=0,0,0.5,1"]) == 0
+    family = blip.load(str(blip_dir))
+    run = json.loads((out / "run.json").read_text())
+    assert (run["family"], run["prompt"], run["layers"]) == ("blip", None, 4)
+    assert "BlipForImageTextRetrieval" in run["extras"]["contrastive"]
+    results = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    column_0 = [1, 4, 7]  # the class token, then the 3 x 3 patches row-major: the left half covers column 0
+    for i, im in enumerate(images[:2]):
+        r = results[str(i)]
+        assert [c["layer"] for c in r["layers"]] == [0, 1, 2, 3]
+        assert [c["tokens"] for c in r["layers"]] == [blip.reference_tokens(family, im, j, SEQ_LEN - 1)
+                                                       for j in range(4)]
+        for c in r["layers"]:  # grounding without a contrastive head: prior and last-layer similarity only
+            assert "image_score" not in c and "retrieval_rank" not in c and "last_layer_similarity" in c
+        (region,) = r["regions"]
+        assert region["patches"] == 3
+        latents = family.encode(family.preprocess(im)[None], [0, 1, 2, 3]).latents[:, 0]  # [L, T, C]
+        assert [c["tokens"] for c in region["layers"]] == greedy_tokens(family, latents[:, column_0])
+        maps = read_attributions(out / "attributions" / f"{i}.safetensors")
+        assert maps.grid == (3, 3)
+        for j, c in enumerate(r["layers"]):
+            heat = maps.maps[map_key(j)].astype(np.float32)
+            assert heat.shape == (len(c["tokens"]), 3, 3)
+            assert np.allclose(heat.sum((1, 2)), 1, atol=1e-2)
+            assert "".join(maps.tokens[map_key(j)]).strip() == c["caption"]

@@ -36,12 +36,11 @@ from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from latent_verbalizer.services.encoder.regions import Placement
 from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper
+from latent_verbalizer.services.families.naming import MISSING
 from latent_verbalizer.shared.models import DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
 
-NO_CONTRASTIVE = ("BlipForConditionalGeneration has no image-text head (BLIP's ITM/ITC heads live in"
-                  " BlipForImageTextRetrieval checkpoints): image_score and retrieval_rank are null")
 
 
 def load(model: str | Path, device: str = "cpu", dtype: str = "fp32", prompt: str | None = None) -> BlipFamily:
@@ -53,11 +52,11 @@ def load(model: str | Path, device: str = "cpu", dtype: str = "fp32", prompt: st
     try:
         blip = BlipForConditionalGeneration.from_pretrained(name, torch_dtype=DTYPES[dtype])
         processor = AutoProcessor.from_pretrained(name)
-    except (OSError, ValueError) as e:  # no such directory, not a hub id, not on the hub or not in its cache
-        raise FamilyError(f"cannot load BLIP model {name!r} ({e}). Name a directory written by save_pretrained"
-                          " (config.json, the weights, the tokenizer and processor files) or a hub id such as"
-                          " Salesforce/blip-image-captioning-base; offline, copy such a directory here, or fill the"
-                          " Hugging Face cache (HF_HOME) for it where the network allows.") from e
+    except OSError as e:
+        if not Path(name).is_dir():
+            raise  # a hub id: load_family says what to copy where
+        raise FamilyError(f"{name} is not a loadable BLIP directory (save_pretrained's config.json, weights,"
+                          f" tokenizer and processor files): {e}") from e
     torch_device = resolve_device(device)
     blip.to(torch_device).eval().requires_grad_(False)
     family = BlipFamily(blip, processor, name, torch_device, DTYPES[dtype], prompt)
@@ -72,7 +71,7 @@ class BlipFamily(Family):
     family = "blip"
     pretrained = None
     force_end_at_limit = False  # as the model's generate: at the length limit a caption just stops
-    missing = {"contrastive": NO_CONTRASTIVE}  # extras it lacks -> why
+    missing = MISSING["blip"]  # extras it lacks -> why: no contrastive head, so image_score/retrieval_rank are null
 
     def __init__(self, model: BlipForConditionalGeneration, processor, name: str, device: torch.device,
                  dtype: torch.dtype, prompt: str | None = None) -> None:
@@ -124,18 +123,26 @@ class BlipFamily(Family):
         """pixels [n, 3, H, W] -> latents [L, n, T, C]: ONE vision forward, each selected block's residual stream
         through post_layernorm (for the last block: exactly the model's last_hidden_state). Regions and word maps
         need nothing more from the encoder: a region is a row mask over the image tokens (`stepper`, `score`), a
-        word map the decoder's cross-attention over them (`BlipStepper.step`)."""
+        word map the decoder's cross-attention over them (`BlipStepper.step`). key_mask [n, R, T] (T = the
+        geometry's positions: the class token, then the patches = the image tokens) comes back as `region_mask`."""
         if contrastive:
             self.require("contrastive")
-        if key_mask is not None:
-            raise ValueError("BLIP reads a region through a row mask over its image tokens (the stepper's mask),"
-                             " not an encoder key mask")
+        hidden = self.hidden_states(pixels, layers)  # [L, n, T, C]
+        if key_mask is not None and key_mask.shape[-1] != hidden.shape[2]:
+            raise ValueError(f"key_mask over {key_mask.shape[-1]} positions; the model reads {hidden.shape[2]}")
+        return Encoded(latents=self.model.vision_model.post_layernorm(hidden),
+                       region_mask=None if key_mask is None else key_mask.bool())
+
+    @torch.inference_mode()
+    def hidden_states(self, pixels: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """pixels [n, 3, H, W] -> the residual stream after each selected block [L, n, T, C] (before post_layernorm):
+        ONE vision forward."""
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"layers {bad} out of range: {self.name} has vision blocks 0..{self.num_layers - 1}")
-        vision = self.model.vision_model
-        hidden = vision(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True).hidden_states
-        return Encoded(vision.post_layernorm(torch.stack([hidden[i + 1] for i in layers])))
+        states = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype),
+                                         output_hidden_states=True).hidden_states
+        return torch.stack([states[i + 1] for i in layers])
 
     # --- decoder side ---
 
