@@ -138,7 +138,7 @@ def test_prompt_is_blips_conditional_prefix(blip_dir, images, pixels):
     assert ours == [blip.reference_tokens(family, im, family.feature_layer, SEQ_LEN - 1) for im in images]
 
 
-def test_score_gives_the_log_probs_decoding_saw(family, pixels):
+def test_score_gives_the_log_probs_decoding_saw(family, pixels, monkeypatch):
     rows = family.encode(pixels, [0, 2]).latents.flatten(0, 1)
     tokens, logps = greedy(family, rows)
     scored = family.score(rows, None, tokens)
@@ -150,6 +150,8 @@ def test_score_gives_the_log_probs_decoding_saw(family, pixels):
             assert torch.allclose(got, torch.tensor(want), atol=1e-5)
         else:
             assert torch.allclose(got[:-1], torch.tensor(want), atol=1e-5)
+    monkeypatch.setattr(blip, "SCORE_LOGITS", 1)  # the vocabulary projection one row at a time: the same
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(family.score(rows, None, tokens), scored))
     # Given tokens need not be the model's choice: scoring one row alone gives the same log-probs.
     other = [[7, 8, 9], []]
     both = family.score(rows[:2], None, other)

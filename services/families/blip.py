@@ -41,6 +41,8 @@ from latent_verbalizer.shared.models import DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
 
+SCORE_LOGITS = 2**24  # score's vocabulary projection: at most this many float32 logits at a time (64 MB)
+
 
 
 def load(model: str | Path, device: str = "cpu", dtype: str = "fp32", prompt: str | None = None) -> BlipFamily:
@@ -161,19 +163,21 @@ class BlipFamily(Family):
     @torch.inference_mode()
     def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
         """Teacher-forced log-probs (float32, natural log) of each row's tokens, then of the end token:
-        ONE forward of [prefix, tokens] per batch, right-padded (causal: padding cannot reach earlier positions)."""
-        P, longest = len(self.prefix), max(map(len, tokens), default=0)
-        ids = torch.full((len(tokens), P + longest), self.pad_id, dtype=torch.long, device=self.device)
+        ONE decoder forward of [prefix, tokens] per batch, right-padded (causal: padding cannot reach earlier
+        positions); the vocabulary projection then goes a few rows at a time (R x S x V floats can be GBs)."""
+        R, P, longest = len(tokens), len(self.prefix), max(map(len, tokens), default=0)
+        ids = torch.full((R, P + longest), self.pad_id, dtype=torch.long, device=self.device)
+        targets = torch.full((R, longest + 1), self.pad_id, dtype=torch.long, device=self.device)
         ids[:, :P] = self.prefix.to(self.device)
         for r, t in enumerate(tokens):
-            ids[r, P : P + len(t)] = torch.tensor(t, dtype=torch.long)
-        stepper = self.stepper(rows, mask, longest + 1, attention=False)
-        logp = stepper.logits(ids, 0).log_softmax(-1)  # [R, P + longest, V]; position p predicts token p + 1
-        out = []
-        for r, t in enumerate(tokens):
-            targets = torch.tensor([*t, self.end_id], device=self.device)
-            out.append(logp[r, P - 1 + torch.arange(len(targets), device=self.device), targets].cpu())
-        return out
+            ids[r, P : P + len(t)] = targets[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+            targets[r, len(t)] = self.end_id
+        stepper = self.stepper(rows, mask, longest + 1)
+        states = stepper.states(ids, 0)[:, P - 1 :]  # [R, longest + 1, D]: position P-1+k predicts token k
+        chunk = max(1, SCORE_LOGITS // ((longest + 1) * self.model.config.text_config.vocab_size))
+        logp = torch.cat([_log_probs(stepper.head(states[i : i + chunk]).float(), targets[i : i + chunk])
+                          for i in range(0, R, chunk)]) if R else targets.float()
+        return [logp[r, : len(t) + 1].cpu() for r, t in enumerate(tokens)]
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -187,6 +191,11 @@ class BlipFamily(Family):
             texts.append(upto[len(before):] if upto.startswith(before) else self.tokenizer.decode(ids[k : k + 1]))
             before = upto
         return texts
+
+
+def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [b, S, V] float32, targets [b, S] -> log_softmax(logits) at the targets [b, S]."""
+    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -248,12 +257,13 @@ class BlipStepper(Stepper):
             ids, first = self.prefix.expand(tokens.shape[0], -1), 0
         else:
             ids, first = tokens[:, None], len(self.prefix) - 1 + pos
-        return self.logits(ids, first, attention)[:, -1]
+        return self.head(self.states(ids, first, attention)[:, -1]).float()
 
     @torch.inference_mode()
-    def logits(self, ids: torch.Tensor, first: int, attention: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [b, S] at positions first..first+S-1 -> logits [b, S, V] float32 (the caches take their keys and
-        values). `attention` [b, T]: the last position's cross-attention, mean over layers and heads."""
+    def states(self, ids: torch.Tensor, first: int, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [b, S] at positions first..first+S-1 -> the decoder's last states [b, S, D], before the cls head (the
+        caches take their keys and values). `attention` [b, T]: the last position's cross-attention, mean over
+        layers and heads."""
         S, last = ids.shape[1], first + ids.shape[1]
         positions = torch.arange(first, last, device=ids.device)[None]
         x = self.bert.embeddings(input_ids=ids, position_ids=positions)  # [b, S, D]
@@ -275,7 +285,7 @@ class BlipStepper(Stepper):
             x = layer.feed_forward_chunk(cross.output(context, x))
             if attention is not None:
                 attention += p[:, :, -1].float().mean(1) / len(self.layers)
-        return self.head(x).float()
+        return x
 
     def keep(self, rows: torch.Tensor) -> None:
         """Continue with these batch rows [b'], in this order (finished rows leave; beams reorder and repeat)."""
