@@ -91,6 +91,8 @@ def test_latents_are_post_layernorm_of_each_block(family, pixels):
     out = vision(pixel_values=pixels, output_hidden_states=True)
     assert encoded.latents.shape == (4, 3, 10, 32)  # L, n, 1 + 3x3 patches, width
     assert torch.equal(encoded.latents[-1], out.last_hidden_state)
+    raw = family.hidden_states(pixels, [0, 2])  # --save-features: before post_layernorm
+    assert torch.equal(raw[1], out.hidden_states[3])
     for i in range(family.num_layers):
         assert torch.allclose(encoded.latents[i], vision.post_layernorm(out.hidden_states[i + 1]))
     with pytest.raises(ValueError, match="vision blocks 0..3"):
