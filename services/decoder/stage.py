@@ -11,7 +11,9 @@ Semantics follow open_clip's `CoCa.generate` so the same settings give the same 
   - a row is finished when it emits the end token or the pad id 0 (open_clip pads with 0, which is
     also the BPE token "!"; a 0-terminated caption keeps that one "!").
 Per caption we keep the token ids (start/end excluded), the entropy in bits of the full softmax of
-the model's raw logits at every generated step (end token included), and their mean; with `embed`,
+the model's raw logits at every generated step (end token included), and their mean, and the natural log
+of the probability that softmax gave the token chosen at each step (`logprob`, likelihood grounding's
+image side: services.decoder.pmi); with `embed`,
 also its contrastive text embedding (services.decoder.text_embedding): greedy and sampled rows get it
 from their own text-tower caches, copied aside when the row leaves the batch and finished with one
 batched step for all rows at the end; beam captions are recomputed from their final tokens through
@@ -41,6 +43,7 @@ class Decoded:
     text: str
     tokens: list[int]
     entropy: list[float]
+    logprob: list[float]  # ln p(token | prefix, image) from the raw logits, indexed like entropy
     text_embedding: torch.Tensor | None = None  # [E] float32, not normalised (with `embed`)
     cross_attention: torch.Tensor | None = None  # [steps, N] float32, indexed like entropy (with `attention`)
 
@@ -72,14 +75,14 @@ def decode(
         rows = latents[start : start + batch_rows].to(lm.device, decoder.dtype)
         keys = row_keys[start : start + batch_rows].to(lm.device)
         if params.strategy == "beam":
-            tokens, entropy, attended = beam.search(decoder, lm, rows, params, attention)
+            tokens, entropy, logprob, attended = beam.search(decoder, lm, rows, params, attention)
             embeddings = _recompute(decoder, lm, tokens, params.seq_len) if embed_text else None
         else:
-            tokens, entropy, embeddings, attended = _decode_batch(decoder, lm, rows, params, keys, embed_text,
-                                                                  attention)
-        out += [Decoded(lm.tokenizer.decode(t).strip(), t, e, None if embeddings is None else embeddings[i],
+            tokens, entropy, logprob, embeddings, attended = _decode_batch(decoder, lm, rows, params, keys,
+                                                                           embed_text, attention)
+        out += [Decoded(lm.tokenizer.decode(t).strip(), t, e, lp, None if embeddings is None else embeddings[i],
                         None if attended is None else attended[i])
-                for i, (t, e) in enumerate(zip(tokens, entropy))]
+                for i, (t, e, lp) in enumerate(zip(tokens, entropy, logprob))]
     return out
 
 
@@ -153,7 +156,7 @@ def layer_captions(decoded: list[Decoded], layers: list[int], n: int) -> list[li
 def _decode_batch(
     decoder: TextDecoder, lm: LoadedModel, image_tokens: torch.Tensor, params: DecodeParams, keys: torch.Tensor,
     embed_text: bool = False, attention: bool = False,
-) -> tuple[list[list[int]], list[list[float]], torch.Tensor | None, list[torch.Tensor] | None]:
+) -> tuple[list[list[int]], list[list[float]], list[list[float]], torch.Tensor | None, list[torch.Tensor] | None]:
     B, S, device = image_tokens.shape[0], params.seq_len, image_tokens.device
     image_keys = decoder.image_keys(image_tokens)  # [B, N, D], read by every decoder layer
     caches = decoder.new_caches(B, S, device)
@@ -161,6 +164,7 @@ def _decode_batch(
     seqs = torch.full((B, S), lm.pad_id, dtype=torch.long, device=device)  # start + generated
     seqs[:, 0] = lm.sot_id
     entropy = torch.zeros(B, S - 1, device=device)
+    logprob = torch.zeros(B, S - 1, device=device)
     attended = torch.zeros(B, S - 1, image_tokens.shape[1], device=device) if attention else None  # [B, S-1, N]
     step_attention = torch.zeros(B, image_tokens.shape[1], device=device) if attention else None  # [b, N]
     steps = torch.zeros(B, dtype=torch.long, device=device)  # generated tokens per row
@@ -169,7 +173,8 @@ def _decode_batch(
     for pos in range(S - 1):
         cur_len = pos + 1  # tokens present, start token included
         logits = decoder.step(token, pos, caches, image_keys, step_attention)  # [b, V]
-        entropy[alive, pos] = entropy_bits(logits)
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy[alive, pos] = entropy_bits(logp)
         if attended is not None:
             attended[alive, pos] = step_attention
         if cur_len + 1 == S:  # last slot: the end token is forced
@@ -179,6 +184,7 @@ def _decode_batch(
             scores = repetition_penalty(scores, seqs[alive, :cur_len], params.repetition_penalty)
             token = choose(scores, params, keys[alive], pos)
         seqs[alive, cur_len] = token
+        logprob[alive, pos] = logp.gather(1, token[:, None])[:, 0]
         steps[alive] += 1
         done = (token == lm.eot_id) | (token == lm.pad_id)
         if finished is not None and done.any():
@@ -194,18 +200,19 @@ def _decode_batch(
             image_keys = image_keys.index_select(0, keep)
             if step_attention is not None:
                 step_attention = step_attention[: len(keep)]
-    tokens, entropies = _finish(seqs, steps, entropy, lm.eot_id)
+    tokens, entropies, logprobs = _finish(seqs, steps, entropy, logprob, lm.eot_id)
     # The end token of each row sits at position steps (start token at 0): not yet fed to the text tower.
     embeddings = None if finished is None else embed(decoder, finished, seqs, steps, steps.clone(), lm.pad_id)
     attentions = None if attended is None else [a[:n] for a, n in zip(attended, steps.tolist())]  # [steps, N] each
-    return tokens, entropies, embeddings, attentions
+    return tokens, entropies, logprobs, embeddings, attentions
 
 
-def _finish(seqs: torch.Tensor, steps: torch.Tensor, entropy: torch.Tensor, eot_id: int):
+def _finish(seqs: torch.Tensor, steps: torch.Tensor, entropy: torch.Tensor, logprob: torch.Tensor, eot_id: int):
     """Cut each row at its last generated token; drop the start token and a final end token."""
-    tokens, entropies = [], []
-    for seq, n, ent in zip(seqs.tolist(), steps.tolist(), entropy.tolist()):
+    tokens, entropies, logprobs = [], [], []
+    for seq, n, ent, lp in zip(seqs.tolist(), steps.tolist(), entropy.tolist(), logprob.tolist()):
         generated = seq[1 : n + 1]
         tokens.append(generated[:-1] if generated and generated[-1] == eot_id else generated)
         entropies.append(ent[:n])
-    return tokens, entropies
+        logprobs.append(lp[:n])
+    return tokens, entropies, logprobs
