@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from latent_verbalizer.services.families.base import FamilyError
-from latent_verbalizer.services.families.llava import DEFAULT_PROMPT, chat_prompt, load
+from latent_verbalizer.services.families.llava import DEFAULT_PROMPT, chat_prompt, load, reference_tokens
 from tests.tiny_families import tiny_llava
 
 MAX_NEW = 20  # --seq-len 21: long enough for some rows to end with the end token, others to hit the limit
@@ -67,17 +67,17 @@ def greedy(family, rows, mask=None, max_new=MAX_NEW, attention=False):
     return tokens, [torch.stack(x) for x in logits], [torch.stack(a) for a in attended] if attention else None
 
 
-def reference(family, image, max_new=MAX_NEW, **kwargs) -> list[int]:
-    """The model's own generate after the chat template, cut after its end token."""
+def without_end(family, tokens: list[int]) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] in family.stop_ids else tokens
+
+
+def plain_generate(family, image) -> list[int]:
+    """generate(...) as the model runs it, no layer named."""
     inputs = family.processor(images=image, text=chat_prompt(family.processor, family.prompt), return_tensors="pt")
     inputs.pop("token_type_ids", None)
-    out = family.model.generate(**inputs, max_new_tokens=max_new, do_sample=False, **kwargs)
-    return until_end(out[0, inputs["input_ids"].shape[1]:].tolist(), family.stop_ids)
-
-
-def until_end(tokens: list[int], stop_ids) -> list[int]:
-    ends = [k for k, t in enumerate(tokens) if t in stop_ids]
-    return tokens[: ends[0] + 1] if ends else tokens
+    out = family.model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    generated = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return generated[: generated.index(family.end_id)] if family.end_id in generated else generated
 
 
 def test_loads_what_the_config_says(family, listed):
@@ -102,8 +102,8 @@ def test_every_layer_is_generate_at_that_layer(family, images):
     ours, _, _ = greedy(family, rows)
     for i, image in enumerate(images):
         for layer in range(L):
-            assert ours[i * L + layer] == reference(family, image, vision_feature_layer=layer + 1), (i, layer)
-        assert ours[i * L + family.feature_layer] == reference(family, image)  # the model's own reading
+            assert without_end(family, ours[i * L + layer]) == reference_tokens(family, image, layer, MAX_NEW)
+        assert without_end(family, ours[i * L + family.feature_layer]) == plain_generate(family, image)
     assert len({tuple(t) for t in ours}) > L  # layers and images differ: the comparison means something
     assert 0 < sum(t[-1] in family.stop_ids for t in ours) < len(ours)  # rows left the batch early
 
@@ -114,7 +114,7 @@ def test_listed_feature_layers_read_layer_i_in_every_slot(listed, images):
     for i, image in enumerate(images[:2]):
         ours, _, _ = greedy(listed, lat[:, i])
         for layer in range(listed.num_layers):
-            assert ours[layer] == reference(listed, image, vision_feature_layer=[layer + 1] * 2), (i, layer)
+            assert without_end(listed, ours[layer]) == reference_tokens(listed, image, layer, MAX_NEW), (i, layer)
 
 
 def test_score_is_decodings_log_probabilities(family, images):
@@ -149,6 +149,9 @@ def test_a_row_does_not_depend_on_its_batch(family, images):
     fresh = family.stepper(rows[order], None, 4)
     assert torch.allclose(fresh.step(torch.zeros(3, dtype=torch.long), 0), first[order], atol=1e-5)
     assert torch.allclose(stepper.step(nxt, 1), fresh.step(nxt, 1), atol=1e-5)
+    before = family.stepper(rows, None, 4)  # beam search repeats rows before the prompt goes in
+    before.keep(order)
+    assert torch.allclose(before.step(torch.zeros(3, dtype=torch.long), 0), first[order], atol=1e-5)
 
 
 def test_a_region_mask_decides_what_the_model_reads(family, images):

@@ -50,21 +50,21 @@ def llava_tokenizer(chat_template: str | None = LLAVA_CHAT_TEMPLATE):
 
 def tiny_llava(
     path: Path, *, layers: int = 3, feature_layer: int | list[int] = -2, select: str = "default",
-    image_size: int = 30, patch: int = 6, text_layers: int = 2, init: float = 0.4, seed: int = 0,
+    image_size: int = 30, patch: int = 6, text_layers: int = 2, width: int = 32, init: float = 0.4, seed: int = 0,
     chat_template: str | None = LLAVA_CHAT_TEMPLATE,
 ) -> Path:
-    """A LlavaForConditionalGeneration (CLIP vision: `layers` blocks, width 32; Llama: `text_layers` blocks,
-    width 32, grouped-query attention) with its CLIPImageProcessor and LlavaProcessor, saved to `path`."""
+    """A LlavaForConditionalGeneration (CLIP vision: `layers` blocks; Llama: `text_layers` blocks with grouped-query
+    attention; both `width` wide) with its CLIPImageProcessor and LlavaProcessor, saved to `path`."""
     tokenizer = llava_tokenizer(chat_template)
     ids = tokenizer.get_vocab()
     text = LlamaConfig(
-        vocab_size=len(ids), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+        vocab_size=len(ids), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=text_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=init,
         bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
     )
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        image_size=image_size, patch_size=patch, projection_dim=32,
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch, projection_dim=width,
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=ids["<image>"], vision_feature_layer=feature_layer,

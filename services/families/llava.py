@@ -256,8 +256,12 @@ class LlavaStepper(Stepper):
         return fam.model.lm_head(hidden[:, -1]).float()
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Continue with these batch rows, in this order (repeats allowed: beam search)."""
+        """Continue with these batch rows, in this order (repeats allowed: beam search, also before pos 0)."""
         rows = rows.to(self.family.device)
+        if self.attend is None:  # not prefilled yet
+            self.rows = self.rows[rows]
+            self.mask = None if self.mask is None else self.mask[rows]
+            return
         self.cache.batch_select_indices(rows)
         self.attend = self.attend[rows]
 
@@ -295,6 +299,23 @@ def chat_prompt(processor, prompt: str) -> str:
         message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
         return processor.apply_chat_template([message], add_generation_prompt=True)
     return f"{getattr(processor, 'image_token', '<image>')}\n{prompt}"
+
+
+@torch.inference_mode()
+def reference_tokens(family: LlavaFamily, image: Image.Image, layer: int, max_new: int) -> list[int]:
+    """The model's own code path at `layer`, which the family's greedy captions equal token for token (tests,
+    bench/family_bench.py): generate(**processor(image, chat prompt) without token_type_ids, vision_feature_layer=
+    layer + 1 (in every slot of a listed config), max_new_tokens, greedy) -> the generated ids, the end token and
+    what follows removed (as results.jsonl's `tokens`). Not the rescaled reading (`rescale_layers`)."""
+    inputs = family.processor(images=image, text=chat_prompt(family.processor, family.prompt), return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    inputs = inputs.to(family.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(family.dtype)
+    wanted = [layer + 1] * len(family.feature_layers) if len(family.feature_layers) > 1 else layer + 1
+    out = family.model.generate(**inputs, vision_feature_layer=wanted, max_new_tokens=max_new, do_sample=False)
+    generated = out[0, inputs["input_ids"].shape[1] :].tolist()
+    ends = [k for k, t in enumerate(generated) if t in family.end_ids]
+    return generated[: ends[0]] if ends else generated
 
 
 def _prompt_ids(processor, prompt: str, image_token_id: int) -> torch.Tensor:
