@@ -93,6 +93,9 @@ def test_loads_what_the_config_says(family, listed):
     assert (listed.feature_layers, listed.feature_layer) == ([0, 2], 2)
     assert len(listed.image_positions) == 26 and listed.geometry.class_token  # "full" keeps CLS
     assert chat_prompt(listed.processor, "hi") == "<image>\nhi"  # no chat template
+    ids = family.tokenizer.convert_tokens_to_ids(["a", "red", "dog", "</s>"])
+    assert family.token_texts(ids[:3]) == ["a", " red", " dog"]
+    assert family.decode_text(ids) == "".join(family.token_texts(ids)) == "a red dog"
 
 
 def test_every_layer_is_generate_at_that_layer(family, images):
@@ -212,3 +215,21 @@ def test_errors_name_the_bad_input(tmp_path, family, images):
         family.encode(torch.stack([family.preprocess(images[0])]), [3])
     with pytest.raises(ValueError, match="image positions"):
         family.stepper(torch.zeros(1, 7, 32), None, 4).step(torch.zeros(1, dtype=torch.long), 0)
+
+
+@pytest.mark.parametrize("size", [(52, 40), (40, 64), (30, 30)])
+def test_geometry_follows_the_image_processor(family, size):
+    """A dark box in the image lands where the geometry's placement says, in the pixels the model reads."""
+    w, h = size
+    image = np.full((h, w, 3), 255, dtype=np.uint8)
+    box = (w * 0.25, h * 0.25, w * 0.75, h * 0.75)  # image px
+    image[int(box[1]) : int(box[3]), int(box[0]) : int(box[2])] = 0
+    pixels = family.preprocess(Image.fromarray(image)).mean(0)  # [H, W]
+    placed = family.geometry.place(w, h)
+    assert placed.input_size == (30, 30)
+    x0, y0, x1, y1 = placed.to_input(box)
+    inside = pixels[int(y0) + 2 : int(y1) - 2, int(x0) + 2 : int(x1) - 2]
+    assert inside.numel() and (inside < 0).all()  # dark (normalised)
+    outside = torch.ones_like(pixels, dtype=torch.bool)
+    outside[max(int(y0) - 2, 0) : int(y1) + 2, max(int(x0) - 2, 0) : int(x1) + 2] = False
+    assert (pixels[outside] > 0).all()  # white
