@@ -6,6 +6,7 @@ batch, a region mask hides exactly the image positions it names. Nothing is down
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,6 +174,21 @@ def test_a_region_mask_decides_what_the_model_reads(family, images):
     assert tokens != greedy(family, rows)[0]
 
 
+def test_regions_and_raw_features_from_the_encoder(family, images):
+    pixels = torch.stack([family.preprocess(im) for im in images[:2]])
+    key_mask = torch.zeros(2, 3, 25, dtype=torch.bool)  # 2 images, 3 regions, over the 5 x 5 patches
+    key_mask[:, 0, :5] = True
+    encoded = family.encode(pixels, [0, 2], key_mask=key_mask)
+    assert torch.equal(encoded.region_mask, key_mask) and encoded.region_latents is None
+    assert torch.equal(encoded.latents, family.encode(pixels, [0, 2]).latents)  # regions read the image's latents
+    with pytest.raises(ValueError, match="26 positions"):
+        family.encode(pixels, [0], key_mask=torch.ones(2, 1, 26, dtype=torch.bool))
+    raw = family.hidden_states(pixels, [0, 2])
+    assert raw.shape == (2, 2, 26, 32)  # CLS + 25 patches, before selection and projector
+    assert torch.equal(family.model.multi_modal_projector(raw[1][:, 1:]), encoded.latents[1])
+    assert family.describe()["rescale_layers"] is False and family.describe()["prompt"] == DEFAULT_PROMPT
+
+
 def test_attention_over_the_image_positions(family, images):
     rows = latents(family, images)[:, 1]
     mask = torch.ones(rows.shape[:2], dtype=torch.bool)
@@ -207,8 +223,11 @@ def test_errors_name_the_bad_input(tmp_path, family, images):
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(FamilyError, match="'bert' model, not LLaVA"):
         load(other)
-    with pytest.raises(FamilyError, match="no_such_dir"):
-        load(tmp_path / "no_such_dir")
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text((Path(family.name) / "config.json").read_text())
+    with pytest.raises(FamilyError, match="incomplete is not a complete save_pretrained LLaVA directory"):
+        load(incomplete)
     with pytest.raises(FamilyError, match="contrastive"):
         family.encode(torch.stack([family.preprocess(images[0])]), [0], contrastive=True)
     with pytest.raises(ValueError, match=r"layers \[3\] out of range"):

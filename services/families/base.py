@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from latent_verbalizer.services.encoder.regions import Placement
 
 EXTRAS = ("contrastive", "regions", "attributions")
+GRAY = (128, 128, 128)  # the null input: a flat mid-gray image (grounding's prior, likelihood grounding's null)
 
 
 class FamilyError(ValueError):
@@ -45,8 +46,11 @@ class Encoded:
 
     latents: torch.Tensor  # [L, n, N, D] per selected layer, what the text side reads
     image_embeddings: torch.Tensor | None = None  # [n, E] contrastive image embeddings (extra: contrastive)
-    region_latents: torch.Tensor | None = None  # [L, n, R, N, D] each region's rows (extra: regions)
-    pool_attention: torch.Tensor | None = None  # [L, n, 1+R, N, T] how each latent reads the tokens (attributions)
+    # regions (extra): a family reads a region either through latents of its own (CoCa: its pooler over the
+    # region's tokens) or through the image's latents with a mask over their N positions (LLaVA, BLIP)
+    region_latents: torch.Tensor | None = None  # [L, n, R, N, D]
+    region_mask: torch.Tensor | None = None  # [n, R, N] bool, True: region r of image i reads that position
+    pool_attention: torch.Tensor | None = None  # [L, n, 1+R, N, T] how each latent reads the tokens (CoCa's maps)
     null_latents: torch.Tensor | None = None  # [L, 1, N, D] the null (flat gray) image's (grounding)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -60,7 +64,8 @@ class Encoded:
         def joined(name: str) -> torch.Tensor:
             if name == "null_latents":  # the same for every batch
                 return parts[0].null_latents
-            return torch.cat([getattr(p, name) for p in parts], dim=0 if name == "image_embeddings" else 1)
+            image_dim = 0 if name in ("image_embeddings", "region_mask") else 1
+            return torch.cat([getattr(p, name) for p in parts], dim=image_dim)
 
         return cls(**{name: joined(name) for name in parts[0].tensors()})
 
@@ -97,7 +102,7 @@ class Stepper(ABC):
         """rows [b'] long: continue with these batch rows, in this order (finished rows leave; beam search
         reorders and repeats rows). Caches and any per-row state follow."""
 
-    def retire(self, leaving: torch.Tensor, rows: torch.Tensor) -> None:
+    def retire(self, leaving: torch.Tensor, rows: torch.Tensor) -> None:  # noqa: B027 (optional hook)
         """leaving [k]: batch rows that finished at this step, before `keep` drops them; rows [k]: their
         index in the batch as it started. A stepper that keeps something of finished rows (CoCa: their
         text-tower states, for the contrastive text embedding) copies it here; others do nothing."""
@@ -112,6 +117,7 @@ class Family(ABC):
     """One loaded model. Attributes a caller may read and display; methods the stages call."""
 
     family: str  # "coca" | "llava" | "blip"
+    model: torch.nn.Module  # the loaded module (weights fingerprints, per-model caches)
     name: str  # what the user named (architecture, project name, hub id or directory)
     pretrained: str | None  # CoCa's weights tag or file; None for the others
     device: torch.device
@@ -146,6 +152,20 @@ class Family(ABC):
         """{extra: None when available, else why not}: what model info shows."""
         return {e: self.missing.get(e) for e in EXTRAS}
 
+    def warm(self, side: str) -> None:  # noqa: B027 (optional hook)
+        """Make now what the first call of `side` ("encoder" or "decoder") would make (a worker calls it
+        before its first task); nothing by default."""
+
+    def describe(self) -> dict:
+        """What a run's summary records of the model (JSON-ready)."""
+        info = {"family": self.family, "model": self.name, "pretrained": self.pretrained, "prompt": self.prompt,
+                "layers": self.num_layers, "feature_layer": self.feature_layer, "extras": self.extras}
+        if not self.has("contrastive"):
+            info["grounding_note"] = ("image_score and retrieval_rank are null: the model has no contrastive"
+                                      " image-text head; last_layer_similarity compares MiniLM sentence embeddings"
+                                      " of the captions' texts")
+        return info
+
     # --- encoder side ---
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -156,11 +176,22 @@ class Family(ABC):
     def geometry(self) -> Geometry:
         """Where image pixels land among the image positions (regions, word maps)."""
 
+    def null_pixels(self) -> torch.Tensor:
+        """The null input: a flat mid-gray image at the model's input size, preprocessed -> [1, 3, H, W]."""
+        h, w = self.geometry.image_size
+        return self.preprocess(Image.new("RGB", (w, h), GRAY))[None].to(self.device, self.dtype)
+
     @abstractmethod
     def encode(self, pixels: torch.Tensor, layers: list[int], *, contrastive: bool = False,
                key_mask: torch.Tensor | None = None, attributions: bool = False) -> Encoded:
-        """pixels [n, 3, H, W] -> Encoded: latents of the selected layers, with `contrastive` the image
-        embeddings, with a key mask [n, R, T] each region's rows, with `attributions` what maps need."""
+        """pixels [n, 3, H, W] -> Encoded: latents of the selected layers; with `contrastive` the image
+        embeddings; with a mask [n, R, T] over the geometry's positions (services.encoder.regions) each
+        region's `region_latents` or `region_mask`; with `attributions` what word maps need beyond the
+        decoder's attention (CoCa: its pooler's weights, `pool_attention`)."""
+
+    def hidden_states(self, pixels: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """pixels [n, 3, H, W] -> the raw residual stream after each selected block [L, n, T, C] (--save-features)."""
+        raise FamilyError(f"{self.family} models cannot save their raw features")
 
     # --- decoder side ---
     @abstractmethod

@@ -94,23 +94,32 @@ class LlavaFamily(Family):
     def encode(self, pixels: torch.Tensor, layers: list[int], *, contrastive: bool = False,
                key_mask: torch.Tensor | None = None, attributions: bool = False) -> Encoded:
         """pixels [n, 3, H, W] -> Encoded.latents [L, n, N, D]: layer i's selected tokens through the projector.
-        Regions and word maps need nothing from the encoder: a region is a row mask over the image positions
-        (`stepper`, `score`), a word map the language model's attention over them (`LlavaStepper`)."""
+        A region reads the image's own latents through a mask over the N image positions: key_mask [n, R, T]
+        (T = the geometry's positions, which are the N image positions) comes back as `region_mask`, for the
+        stepper and score to hide the rest from the language model. Word maps need nothing from the encoder:
+        the language model's attention over the image positions is the map (`LlavaStepper`)."""
         if contrastive:
             self.require("contrastive")
-        if key_mask is not None:
-            raise ValueError("LLaVA reads a region through a row mask over its image positions (stepper's mask),"
-                             " not an encoder key mask")
-        return Encoded(latents=torch.stack([self.model.multi_modal_projector(t)
-                                            for t in self.vision_tokens(pixels, layers)]))
+        N = len(self.image_positions)
+        if key_mask is not None and key_mask.shape[-1] != N:
+            raise ValueError(f"key_mask over {key_mask.shape[-1]} positions; the model reads {N} image positions")
+        latents = torch.stack([self.model.multi_modal_projector(t) for t in self.vision_tokens(pixels, layers)])
+        return Encoded(latents=latents, region_mask=None if key_mask is None else key_mask.bool())
+
+    @torch.inference_mode()
+    def hidden_states(self, pixels: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """pixels [n, 3, H, W] -> the vision tower's residual stream after each selected block [L, n, T, C]
+        (every token, CLS included; before selection, rescaling and the projector)."""
+        states = self.model.vision_tower(pixels.to(self.device, self.dtype), output_hidden_states=True).hidden_states
+        return torch.stack([states[i + 1] for i in self._checked(layers)])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "rescale_layers": self.rescale_layers}
 
     @torch.inference_mode()
     def vision_tokens(self, pixels: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
         """pixels [n, 3, H, W] -> per layer, what the projector reads: [n, N, k*C] (k = listed feature layers),
         rescaled when `rescale_layers` is on. One vision-tower forward for all layers."""
-        bad = [i for i in layers if not 0 <= i < self.num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: the vision tower has {self.num_layers} blocks (0-based)")
         states = self.model.vision_tower(pixels.to(self.device, self.dtype), output_hidden_states=True).hidden_states
         drop = 1 if self.model.config.vision_feature_select_strategy == "default" else 0  # "default": no CLS
 
@@ -119,13 +128,19 @@ class LlavaFamily(Family):
 
         reference = selected(self.feature_layer)
         out = []
-        for i in layers:
+        for i in self._checked(layers):
             tokens = selected(i)
             if self.rescale_layers and i != self.feature_layer:
                 scale = _mean_norm(reference) / _mean_norm(tokens)  # [n, 1, 1]
                 tokens = tokens * scale
             out.append(torch.cat([tokens] * len(self.feature_layers), dim=-1))  # every listed slot reads layer i
         return out
+
+    def _checked(self, layers: list[int]) -> list[int]:
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the vision tower has {self.num_layers} blocks (0-based)")
+        return layers
 
     # --- decoder side ---
     def stepper(self, rows: torch.Tensor, mask: torch.Tensor | None, max_len: int, attention: bool = False,
@@ -280,8 +295,11 @@ def load(model: str | Path, device: str = "cpu", dtype: str = "fp32", prompt: st
             raise FamilyError(f"{name} is a {config.model_type!r} model, not LLaVA (config.json model_type 'llava')")
         processor = AutoProcessor.from_pretrained(name)
         llava = LlavaForConditionalGeneration.from_pretrained(name, torch_dtype=DTYPES[dtype])
-    except OSError as e:
-        raise FamilyError(_not_found(name, e)) from e
+    except OSError as e:  # a hub id's missing files: the caller (load_family) says what to copy where
+        if Path(name).is_dir():
+            raise FamilyError(f"{name} is not a complete save_pretrained LLaVA directory (model, tokenizer and"
+                              f" processor files): {e}") from e
+        raise
     device = resolve_device(device)
     llava.to(device).eval().requires_grad_(False)
     family = LlavaFamily(name, llava, processor, device, DEFAULT_PROMPT if prompt is None else prompt, rescale_layers)
@@ -395,11 +413,3 @@ def _eager_attention(language_model) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = saved
-
-
-def _not_found(name: str, error: Exception) -> str:
-    if Path(name).exists():
-        return f"{name} is not a loadable model directory: {error}"
-    return (f"cannot load {name!r}: {error}. Offline, copy a directory written by save_pretrained (config.json, "
-            f"the weights, the tokenizer and processor files) here and pass its path as --model, or fill the "
-            f"Hugging Face cache (HF_HOME) for {name} where the network allows")
