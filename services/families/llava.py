@@ -19,10 +19,10 @@ then fills every slot of that concatenation with layer i's tokens, i.e. what `ge
 [i + 1] * k)` reads; `feature_layer` is the deepest listed layer, and no single layer reproduces the model's own
 mixed input.
 
-`rescale_layers` (off by default): the projector was trained on one layer and token norms grow with depth, so an
-intermediate layer's tokens are off the projector's training distribution in scale. With it on, each image's
-selected tokens of layer i are multiplied by mean_token_norm(feature layer) / mean_token_norm(layer i) of that
-image before the projector; the feature layer itself is unchanged (factor exactly 1).
+`rescale_layers` (setting LV_RESCALE_LAYERS, off by default): the projector was trained on one layer and token
+norms grow with depth, so an intermediate layer's tokens are off the projector's training distribution in scale.
+With it on, each image's selected tokens of layer i are multiplied by mean_token_norm(feature layer) /
+mean_token_norm(layer i) of that image before the projector; the feature layer itself is unchanged (factor 1).
 
 Decoding goes through the project's one decoding loop with `LlavaStepper`: position 0 prefills the prompt for
 all rows in one forward, every later step feeds one token per live row against a transformers `DynamicCache`.
@@ -42,6 +42,7 @@ from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForCondit
 from latent_verbalizer.services.encoder.regions import Placement
 from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper
 from latent_verbalizer.shared.models import DTYPES, resolve_device
+from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +283,14 @@ class LlavaStepper(Stepper):
 
 
 def load(model: str | Path, device: str = "cpu", dtype: str = "fp32", prompt: str | None = None,
-         rescale_layers: bool = False) -> LlavaFamily:
+         rescale_layers: bool | None = None) -> LlavaFamily:
     """A LLaVA model from a hub id (the transformers cache; downloaded where the network allows) or a local
     `save_pretrained` directory holding the model and its processor. fp32 by default; bf16 works on a GPU.
-    `prompt`: the captioning request (DEFAULT_PROMPT); `rescale_layers`: see the module's docstring."""
+    `prompt`: the captioning request (DEFAULT_PROMPT); `rescale_layers` (see the module's docstring): None takes
+    the setting LV_RESCALE_LAYERS (off by default)."""
     name = str(model)
+    if rescale_layers is None:
+        rescale_layers = get_settings().rescale_layers
     if dtype not in DTYPES:
         raise FamilyError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     try:
