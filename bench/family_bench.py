@@ -55,6 +55,7 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--model", default=None, help="save_pretrained directory or hub id (default: a small LLaVA)")
     p.add_argument("--family", default=None, help="force the family (default: from the model's config)")
+    p.add_argument("--prompt", default=None, help="the family's prompt / text prefix (default: its own)")
     p.add_argument("--images", default=None, help="a folder of images (default: seeded random pictures)")
     p.add_argument("--n", type=int, default=8, help="images")
     p.add_argument("--seq-len", type=int, default=9, help="at most seq_len - 1 generated tokens")
@@ -66,7 +67,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or small_llava(Path(tmp) / "small_llava")
-        family = load_family(model, family=args.family, device=args.device, dtype=args.dtype)
+        family = load_family(model, device=args.device, dtype=args.dtype, family=args.family, prompt=args.prompt)
         images = pictures(args.images, args.n)
         pixels = torch.stack([family.preprocess(im) for im in images])
         layers = list(range(family.num_layers))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_verbalizer.services.families.base import FamilyError
+from latent_verbalizer.services.families import FamilyError, load_family
 from latent_verbalizer.services.families.llava import DEFAULT_PROMPT, chat_prompt, load, reference_tokens
 from tests.tiny_families import tiny_llava
 
@@ -94,6 +94,8 @@ def test_loads_what_the_config_says(family, listed):
     assert (listed.feature_layers, listed.feature_layer) == ([0, 2], 2)
     assert len(listed.image_positions) == 26 and listed.geometry.class_token  # "full" keeps CLS
     assert chat_prompt(listed.processor, "hi") == "<image>\nhi"  # no chat template
+    asked = load_family(family.name, prompt="What is this?")  # --model DIR --prompt ...
+    assert asked.family == "llava" and asked.tokenizer.decode(asked.prompt_ids[-4:]) == "What is this? ASSISTANT:"
     ids = family.tokenizer.convert_tokens_to_ids(["a", "red", "dog", "</s>"])
     assert family.token_texts(ids[:3]) == ["a", " red", " dog"]
     assert family.decode_text(ids) == "".join(family.token_texts(ids)) == "a red dog"
@@ -252,3 +254,25 @@ def test_geometry_follows_the_image_processor(family, size):
     outside = torch.ones_like(pixels, dtype=torch.bool)
     outside[max(int(y0) - 2, 0) : int(y1) + 2, max(int(x0) - 2, 0) : int(x1) + 2] = False
     assert (pixels[outside] > 0).all()  # white
+
+
+def test_the_decoding_loop_captions_every_layer_as_generate(family, images):
+    """Through the project's one decoding loop (services.decoder.stage): every image at every layer in one batch."""
+    from latent_verbalizer.services.decoder.stage import decode, decode_layers
+    from latent_verbalizer.shared.schemas import DecodeParams
+
+    layers = list(range(family.num_layers))
+    lengths = dict(seq_len=MAX_NEW + 1, min_seq_len=family.default_min_seq_len)
+    params = DecodeParams(**lengths)
+    decoded = decode_layers(family, latents(family, images), layers, ["a", "b", "c"], params, attention=True)
+    for i, image in enumerate(images):
+        for layer in layers:
+            d = decoded[i * len(layers) + layer]
+            assert d.tokens == reference_tokens(family, image, layer, MAX_NEW), (i, layer)
+            assert d.text == family.decode_text(d.tokens) and len(d.entropy) == d.cross_attention.shape[0]
+    rows = latents(family, images)[:, 0]
+    one_beam = decode(family, rows, DecodeParams(strategy="beam", num_beams=1, length_penalty=0, **lengths))
+    assert [d.tokens for d in one_beam] == [d.tokens for d in decode(family, rows, DecodeParams(**lengths))]
+    for strategy in ("beam", "sample"):  # the other searches run over the same stepper
+        out = decode(family, rows, DecodeParams(strategy=strategy, num_beams=3, **lengths))
+        assert len(out) == len(rows) and all(0 < len(d.entropy) <= MAX_NEW for d in out)

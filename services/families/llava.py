@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForCondit
 
 from latent_verbalizer.services.encoder.regions import Placement
 from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper
+from latent_verbalizer.services.families.naming import MISSING
 from latent_verbalizer.shared.models import DTYPES, resolve_device
 from latent_verbalizer.shared.settings import get_settings
 
@@ -75,7 +76,7 @@ class LlavaFamily(Family):
         self.force_end_at_limit = False  # generate just stops at max_new_tokens
         self.default_min_seq_len = _min_seq_len(model)
         self.max_seq_len = config.text_config.max_position_embeddings - len(self.prompt_ids) + 1
-        self.missing = {"contrastive": "LLaVA has no contrastive image-text head"}
+        self.missing = dict(MISSING["llava"])
 
     # --- encoder side ---
     def preprocess(self, image: Image.Image) -> torch.Tensor:
