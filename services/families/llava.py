@@ -165,12 +165,10 @@ class LlavaFamily(Family):
         hidden = self._language_model(embeds, self._attention_mask(mask, R, T), start=0)[0]
         P = len(self.prompt_ids)
         logp = torch.log_softmax(self.model.lm_head(hidden[:, P - 1 :]).float(), dim=-1)  # [R, T + 1, V]
-        targets = torch.cat([ids, torch.full((R, 1), self.end_id, device=self.device)], dim=1)  # [R, T + 1]
         out = []
         for r, t in enumerate(tokens):
-            n = len(t)
-            target = torch.cat([targets[r, :n], targets[r, -1:]])  # its tokens, then the end token
-            out.append(logp[r, : n + 1].gather(1, target[:, None])[:, 0].cpu())
+            target = torch.tensor([*t, self.end_id], device=self.device)  # its tokens, then the end token
+            out.append(logp[r, : len(t) + 1].gather(1, target[:, None])[:, 0].cpu())
         return out
 
     def decode_text(self, ids: list[int]) -> str:
@@ -242,10 +240,9 @@ class LlavaStepper(Stepper):
     cross-attention over decoder layers and heads (services/decoder/attribution.py measures that choice)."""
 
     def __init__(self, family: LlavaFamily, rows: torch.Tensor, mask: torch.Tensor | None, max_len: int) -> None:
-        P = len(family.prompt_ids)
-        limit = family.model.config.text_config.max_position_embeddings
-        if P + max_len - 1 > limit:
-            raise ValueError(f"prompt ({P} tokens) + seq_len {max_len} exceed the language model's {limit} positions")
+        if max_len > family.max_seq_len:
+            raise ValueError(f"seq_len {max_len} exceeds the {family.max_seq_len} positions the language model has"
+                             f" after the prompt's {len(family.prompt_ids)} tokens")
         if mask is not None and mask.shape != rows.shape[:2]:
             raise ValueError(f"mask {tuple(mask.shape)} does not match rows {tuple(rows.shape[:2])}")
         self.family, self.rows, self.mask = family, rows, mask
