@@ -140,6 +140,18 @@ def test_prompt_is_blips_conditional_prefix(blip_dir, images, pixels):
     assert ours == [blip.reference_tokens(family, im, family.feature_layer, SEQ_LEN - 1) for im in images]
 
 
+def test_beam_search_is_the_text_decoders_beam_search(family, pixels):
+    """The one loop's beam search gives transformers' beam search with early_stopping="never" on these rows; with
+    transformers' default (False, which stops a caption on a guess from the running beams' current length) one
+    caption of the 12 differs."""
+    rows = family.encode(pixels, list(range(family.num_layers))).latents.flatten(0, 1)  # [L * n, T, C]
+    ours = decode(family, rows, DecodeParams(seq_len=SEQ_LEN, min_seq_len=1, strategy="beam", num_beams=3))
+    out = family.model.text_decoder.generate(
+        input_ids=torch.full((len(rows), 1), family.start_id), eos_token_id=family.end_id, pad_token_id=family.pad_id,
+        encoder_hidden_states=rows, max_new_tokens=SEQ_LEN - 1, num_beams=3, do_sample=False, early_stopping="never")
+    assert [d.tokens for d in ours] == [cut(r[1:], family.end_id) for r in out.tolist()]
+
+
 def test_score_gives_the_log_probs_decoding_saw(family, pixels, monkeypatch):
     rows = family.encode(pixels, [0, 2]).latents.flatten(0, 1)
     tokens, logps = greedy(family, rows)
