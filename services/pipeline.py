@@ -65,13 +65,13 @@ def verbalize(
     grounding measures and the run's embeddings are added to it (for the ranks). With `attributions_dir`,
     each image's word -> patch maps are written there as <id>.safetensors (shared.attributions). With
     `regions` (shared.regions.parse_regions), every region of every image is captioned at every layer too;
-    an image where a region covers no patch fails with that region's message."""
+    a region that covers no patch of an image fails on that image alone (its `error` in the region's entry)."""
     visual = lm.model.visual
     layers = check_layers(visual, layers)
     regions = regions or []
     for batch in _batches(items, batch_size):
         pixels, good, errors = load_pixels(lm, batch, max_pixels)
-        pixels, good, located = place(lm, pixels, good, regions, errors)  # a region covering no patch: an error
+        located = place(lm, good, regions)  # a region covering no patch of an image: that region's error
         results = {}
         if pixels is not None:
             ids = [i.id for i in good]
@@ -98,7 +98,8 @@ def _result(item: ImageItem, located: Located, captions: list[LayerCaption], reg
     return ImageResult(
         id=item.id, source=item.source, meta=item.meta, layers=captions, size=list(located.size),
         input_box=list(located.input_box),
-        regions=region_results(regions, located.boxes, located.patches, region_captions) if regions else None,
+        regions=region_results(regions, located.boxes, located.patches, located.errors, region_captions)
+        if regions else None,
     )
 
 

@@ -125,14 +125,19 @@ class ArtifactStore:
 
     # --- job outputs ---
 
-    def write_results(self, job_id: str, kind: str, chunks: int) -> Path:
-        """results.jsonl: the chunks' lines of one kind, in chunk order."""
+    def write_results(self, job_id: str, parts: Iterable[tuple[str, int]], missing_ok: bool = False) -> Path:
+        """results.jsonl: the lines of each (kind, chunk) part, in order (`missing_ok`: skip a part with no file)."""
         path = self.output(job_id, "results.jsonl")
         tmp = _tmp(path)
         with tmp.open("wb") as out:
-            for chunk in range(chunks):
-                with self._chunk(job_id, kind, chunk, ".jsonl").open("rb") as f:
-                    shutil.copyfileobj(f, out)
+            for kind, chunk in parts:
+                try:
+                    with self._chunk(job_id, kind, chunk, ".jsonl").open("rb") as f:
+                        shutil.copyfileobj(f, out)
+                except FileNotFoundError:
+                    if not missing_ok:
+                        tmp.unlink()
+                        raise
         os.replace(tmp, path)
         return path
 

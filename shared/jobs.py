@@ -223,6 +223,13 @@ class JobStore:
     def chunks_done(self, job_id: str, stage: str) -> int:
         return self.client.scard(self.keys.done(job_id, stage))
 
+    def done_chunks(self, job_id: str, stage: str) -> set[int]:
+        return {int(c) for c in self.client.smembers(self.keys.done(job_id, stage))}
+
+    def set_warnings(self, job_id: str, warnings: list[str]) -> None:
+        """Replace an existing job's warnings (a cancelled job's note on its partial results)."""
+        self.client.hset(self.keys.job(job_id), "warnings", json.dumps(warnings))
+
     def finish(self, job_id: str, status: JobStatus, error: str | None = None, warnings: list[str] | None = None
                ) -> bool:
         """End an active job (succeeded, failed or cancelled); False when it had already ended. `warnings`:

@@ -82,8 +82,9 @@ def run_chunk(stage: str, job_id: str, chunk: int, work: Callable[[Context, JobR
                                   "seconds": round(seconds, 3), "chunks_done": done, "chunks": job.chunks})
     if stage == job.final_stage and done == job.chunks:
         finish_job(ctx, job)
-    if (current := ctx.jobs.get(job_id)) is not None and current.status == JobStatus.cancelled:
-        ctx.store.delete_job(job_id)  # cancelled while this chunk ran: drop what it wrote
+    cancelled = (current := ctx.jobs.get(job_id)) is not None and current.status == JobStatus.cancelled
+    if cancelled and not ctx.settings.keep_artifacts:
+        ctx.store.delete_intermediates(job_id)  # cancelled while this chunk ran: drop what it wrote
 
 
 def finish_job(ctx: Context, job: JobRecord) -> None:

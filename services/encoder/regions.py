@@ -9,7 +9,8 @@ transform step by step and returns the map from image pixels to input pixels:
 A region (shared.regions: the syntax and parsing, re-exported here) is put in image pixels (fractions
 of the image's size, or for "input" units, grid cells, of the input box: the part of the image the input
 shows), clipped to the image, mapped into input pixels, and patch (i, j) of the input's grid is SEEN when
-more than half of its area lies inside it (shared.regions.covered); token 0, the class token (every
+more than half of its area lies inside it (shared.regions.covered; a region that sees no patch of an
+image fails on that image alone, with the reason in its entry of the results); token 0, the class token (every
 block lets it read the whole image), is seen only with `include_cls`. The key mask [N, R, T] goes to
 services.encoder.stage.pool_regions: region r's pooler queries attend over its seen keys only, at every
 selected layer, and the decoder reads the result as it reads a whole image's.
@@ -129,6 +130,7 @@ class Located:
     input_box: Box  # what the model's input shows, in image px
     boxes: list[Box]  # each region in image px, clipped to the image
     mask: torch.Tensor  # [R, T] bool: the keys region r's queries see (token 0: the class token)
+    errors: list[str | None]  # per region, why it cannot be captioned on this image (None: it can)
 
     @property
     def patches(self) -> list[int]:
@@ -139,27 +141,29 @@ class Located:
 def locate(regions: Sequence[Region], size: tuple[int, int], preprocess: Callable,
            image_size: tuple[int, int], patch_size: tuple[int, int]) -> Located:
     """Place each region of an image of `size` (w, h) in the model's input of `image_size` (H, W) and
-    its grid of `patch_size` (ph, pw) patches. RegionError naming the first region that covers no
-    patch (more than half of one), with the patch size."""
+    its grid of `patch_size` (ph, pw) patches. A region that covers no patch (more than half of one) gets
+    an error naming it, its box and the patch size; its mask row then reads the class token alone (a
+    placeholder the pooler can attend over: its captions are dropped)."""
     p = placement(preprocess, *size)
     (H, W), (ph, pw) = image_size, patch_size
     if p.input_size != (W, H):
         raise ValueError(f"the preprocessing gives {p.input_size[0]}x{p.input_size[1]} px, the model takes {W}x{H}")
     shown = p.to_image((0, 0, W, H))
-    boxes, masks = [], []
+    boxes, masks, errors = [], [], []
     for region in regions:
         box = image_box(region, *size, shown)
         x0, y0, x1, y1 = p.to_input(box)
         seen = torch.tensor(covered((x0, y0, x1, y1), image_size, patch_size))  # [gh*gw], row-major as the tokens
+        error = None
         if not seen.any():
-            raise RegionError(
-                f"{region.describe()} covers no whole {pw}x{ph}-px patch of the model's input (more than half of"
-                f" one is needed): on this {size[0]}x{size[1]} image it is {_fmt(box)} px, {_fmt((x0, y0, x1, y1))}"
-                f" px of the {W}x{H}-px input")
+            error = (f"{region.describe()} covers no whole {pw}x{ph}-px patch of the model's input (more than half of"
+                     f" one is needed): on this {size[0]}x{size[1]} image it is {_fmt(box)} px,"
+                     f" {_fmt((x0, y0, x1, y1))} px of the {W}x{H}-px input")
         boxes.append(box)
-        masks.append(torch.cat([torch.tensor([region.include_cls]), seen]))  # [T]
+        masks.append(torch.cat([torch.tensor([region.include_cls or error is not None]), seen]))  # [T]
+        errors.append(error)
     mask = torch.stack(masks) if masks else torch.zeros(0, 1 + (H // ph) * (W // pw), dtype=torch.bool)
-    return Located(size, shown, boxes, mask)
+    return Located(size, shown, boxes, mask, errors)
 
 
 def key_mask(regions: Sequence[Region], sizes: Sequence[tuple[int, int]], preprocess: Callable,
@@ -175,24 +179,11 @@ def with_whole_image(mask: torch.Tensor | None, n: int, T: int, device: torch.de
     return whole if mask is None else torch.cat([whole, mask.to(device)], dim=1)
 
 
-def place(
-    lm: LoadedModel, pixels: torch.Tensor | None, items: list[ImageItem], regions: Sequence[Region],
-    errors: dict[str, str],
-) -> tuple[torch.Tensor | None, list[ImageItem], list[Located]]:
-    """`load_pixels`' output -> the same without the images where a region covers no patch (their
-    RegionError goes to `errors`, by id), and each kept image `Located` (no regions: just its size and
-    input box; mask [0, T])."""
+def place(lm: LoadedModel, items: list[ImageItem], regions: Sequence[Region]) -> list[Located]:
+    """Each loaded image `Located` (no regions: just its size and input box; mask [0, T]). A region that
+    covers no patch of an image fails on that image alone (`Located.errors`): the image keeps its captions."""
     visual = lm.model.visual
-    kept, located = [], []
-    for j, item in enumerate(items):
-        try:
-            located.append(locate(regions, item.size, lm.preprocess, visual.image_size, visual.patch_size))
-            kept.append(j)
-        except RegionError as e:
-            errors[item.id] = str(e)
-    if len(kept) == len(items):
-        return pixels, items, located
-    return (pixels[kept] if kept else None), [items[j] for j in kept], located
+    return [locate(regions, item.size, lm.preprocess, visual.image_size, visual.patch_size) for item in items]
 
 
 def _fmt(box: Box) -> str:

@@ -1,7 +1,7 @@
 """RQ task of the encoder stage: a chunk's images -> per-layer latents in the artifact store (and, when
 the job is grounded, the images' contrastive embeddings beside them; with regions, each region's latents;
 with attributions, the pooler's attention weights, which the decoder task composes into word -> patch maps).
-An image where a region covers no patch is a per-image error, as an unreadable one.
+A region that covers no patch of an image fails on that image alone (the region's error in its results).
 The worker process loads the model once (`services.chain.tasks.use_model`); RQ then calls `encode_chunk` per chunk."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _encode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     items = ctx.store.read_inputs(job.id, chunk)
     layers = check_layers(visual, job.options.layers)
     pixels, good, errors = load_pixels(lm, items, ctx.settings.max_image_pixels)
-    pixels, good, located = place(lm, pixels, good, job.options.regions, errors)  # a region covering no patch: an error
+    located = place(lm, good, job.options.regions)  # a region covering no patch of an image: that region's error
     encoded = None
     if pixels is not None:  # vision forwards of at most encode_batch images
         step, options = ctx.settings.encode_batch, job.options
@@ -50,6 +50,7 @@ def _encode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
         "input_box": [list(p.input_box) for p in located],
         "region_boxes": [[list(b) for b in p.boxes] for p in located],
         "region_patches": [p.patches for p in located],
+        "region_errors": [p.errors for p in located],
     }
     beside = {} if encoded is None else encoded.tensors()
     latents = beside.pop("latents", None)
