@@ -109,6 +109,13 @@ class ArtifactStore:
         write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"),
                      save(tensors, metadata={"info": json.dumps(info)}))
 
+    def write_no_tensors(self, job_id: str, kind: str, chunk: int, info: dict) -> None:
+        """The file `write_tensors` writes for a chunk none of whose images has such tensors: the info alone
+        (no torch needed: the gateway writes it for a chunk it gives up on)."""
+        from safetensors.numpy import save
+
+        write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"), save({}, metadata={"info": json.dumps(info)}))
+
     def read_tensors(self, job_id: str, kind: str, chunk: int) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import safe_open
 
