@@ -5,7 +5,10 @@ chunks of --chunk-size, and the decoder worker killed (SIGKILL) once the first c
 it decodes the next. serve restarts the worker; the killed worker's chunk is given up once its lease
 (--lease-s) lapses, its images fail with the reason, and the job goes on to its end.
 
-    ended_after_kill_s   from the kill to the job's end (status succeeded or failed), polled every 0.1 s
+    lost_after_kill_s    from the kill to the killed chunk's images counted failed (the chunk given up: the
+                         lease lapsed), polled every 0.1 s
+    ended_after_kill_s   from the kill to the job's end (status succeeded or failed): the lease, then the
+                         other chunks' work on the restarted worker
     ended_in_leases      the same, in leases
     status               the job's end (succeeded: some images captioned)
     images_readable      result lines with captions (GET /results)
@@ -52,13 +55,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lv-probe-") as tmp:
         stack = ServeStack(args, Path(tmp), api_key, env)
         with stack as api:
-            ended, job, lines = _probe(api, stack.proc.pid, files, args.chunk_size)
+            lost, ended, job, lines = _probe(api, stack.proc.pid, files, args.chunk_size)
     failed = [r["id"] for r in lines if r.get("error")]
     report({
         "model": args.model,
         "images": args.images,
         "chunks": job["progress"]["chunks"],
         "lease_s": args.lease_s,
+        "lost_after_kill_s": round(lost, 1),
         "ended_after_kill_s": round(ended, 1),
         "ended_in_leases": round(ended / args.lease_s, 2),
         "status": job["status"],
@@ -69,19 +73,21 @@ def main() -> None:
     }, args.json)
 
 
-def _probe(api, serve_pid: int, files: list, chunk_size: int) -> tuple[float, dict, list[dict]]:
+def _probe(api, serve_pid: int, files: list, chunk_size: int) -> tuple[float, float, dict, list[dict]]:
     """Submit, kill the decoder once a chunk is captioned, wait for the end. -> (seconds from the kill to
-    the end, the job, its result lines)."""
+    the lost chunk's images counted failed, to the end; the job, its result lines)."""
     response = api.post("/v1/jobs", files=files)
     response.raise_for_status()
     job_url = f"/v1/jobs/{response.json()['id']}"
     _wait(lambda: api.get(job_url).json()["progress"]["captioned"] >= chunk_size, "no chunk was captioned")
     os.kill(_child(serve_pid, "decoder"), signal.SIGKILL)
     killed = time.monotonic()
-    _wait(lambda: api.get(job_url).json()["status"] not in ("queued", "running"), "the job did not end", poll_s=0.1)
+    _wait(lambda: api.get(job_url).json()["progress"]["failed_images"] > 0, "the chunk was never given up", 0.1)
+    lost = time.monotonic() - killed
+    _wait(lambda: api.get(job_url).json()["status"] not in ("queued", "running"), "the job did not end", 0.1)
     ended = time.monotonic() - killed
     job = api.get(job_url).json()
-    return ended, job, [json.loads(line) for line in api.get(f"{job_url}/results").text.splitlines()]
+    return lost, ended, job, [json.loads(line) for line in api.get(f"{job_url}/results").text.splitlines()]
 
 
 def _child(parent: int, role: str) -> int:
