@@ -20,6 +20,10 @@ The text decoder is stepped here rather than through `text_decoder.forward`, for
 Each step calls the model's own modules (embeddings, every Linear, the output LayerNorms, the MLP, the cls
 head) and does only the attention arithmetic itself, in transformers' order (q k^T / sqrt(Dh), softmax, @ v);
 tests check the tokens against the model's `generate` at every layer.
+A region is a row mask over the image tokens (class token first, then the patches row-major): the cross-attention
+reads only its positions. A word map is the cross-attention of each generated step over the image tokens
+(`BlipStepper`). BlipForConditionalGeneration has no contrastive head (BLIP's ITM/ITC heads are separate
+BlipForImageTextRetrieval checkpoints, which this does not load): image_score and retrieval_rank are null.
 Shapes: B rows, T image tokens, C vision width, D text width, H heads, Dh = D / H, S positions, V vocabulary.
 """
 
