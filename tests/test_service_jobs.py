@@ -162,6 +162,9 @@ def test_shard_job(stack):
     assert api.get(f"/v1/jobs/{job['id']}/figure.png").status_code == 404  # not categorized
     no_regions = api.get(job["links"]["regions"])
     assert no_regions.status_code == 404 and "asked for no regions" in no_regions.json()["detail"]
+    table = list(csv.DictReader(io.StringIO(api.get(job["links"]["captions"]).text)))  # captions.csv
+    assert [(row["id"], int(row["layer"])) for row in table] == [(r["id"], layer) for r in lines for layer in LAYERS]
+    assert table[0]["caption"] == lines[0]["layers"][0]["caption"] and table[0]["mean_entropy"]
     assert api.get(f"/v1/jobs/{job['id']}/entropy.png").content.startswith(b"\x89PNG")
     summary = api.get(f"/v1/jobs/{job['id']}/summary").json()
     assert [layer["layer"] for layer in summary["layers"]] == LAYERS

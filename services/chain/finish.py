@@ -25,8 +25,8 @@ from pathlib import Path
 from latent_verbalizer.shared.artifacts import ArtifactStore
 from latent_verbalizer.shared.grounding import grounding_outputs
 from latent_verbalizer.shared.jobs import JobRecord
-from latent_verbalizer.shared.region_table import write_region_table
 from latent_verbalizer.shared.schemas import ImageResult
+from latent_verbalizer.shared.tables import write_captions_csv, write_region_table
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
         files = _categorized_report(captioned, staging, extra, outputs.warnings)
     else:
         files = _entropy_summary(captioned, staging, extra)
-    store.publish(job.id, files + grounding_files + region_files)
+    tables = [write_captions_csv(results_path, staging / "captions.csv"), *region_files]
+    store.publish(job.id, files + grounding_files + tables)
     shutil.rmtree(staging, ignore_errors=True)
     return outputs
 

@@ -40,11 +40,10 @@ from latent_verbalizer.services.families import Family
 from latent_verbalizer.services.pipeline import verbalize
 from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
 from latent_verbalizer.shared.models import ModelError
-from latent_verbalizer.shared.region_table import REGION_COLUMNS, region_rows
 from latent_verbalizer.shared.regions import Region, check_coverable, parse_regions
 from latent_verbalizer.shared.schemas import DecodeParams, resolve_layers
 from latent_verbalizer.shared.settings import get_settings
-from latent_verbalizer.shared.tables import write_captions_csv
+from latent_verbalizer.shared.tables import REGION_COLUMNS, region_rows, write_captions_csv
 
 log = logging.getLogger("verbalize")
 

@@ -66,6 +66,7 @@ class Links(BaseModel):
     entropy: str
     distribution: str
     grounding: str = Field(description="grounding.png, the grounding curves per layer (404 when grounding was off)")
+    captions: str = Field(description="captions.csv, every caption one row each (image or region, layer, grounding)")
     regions: str = Field(description="regions.csv, the region captions one row each (404 when the job had no regions)")
     viewer: str = Field(description="the job in the web viewer (open it in a browser)")
 
@@ -74,7 +75,8 @@ class Links(BaseModel):
         base = f"/v1/jobs/{job_id}"
         return cls(self=base, results=f"{base}/results", summary=f"{base}/summary", figure=f"{base}/figure.png",
                    entropy=f"{base}/entropy.png", distribution=f"{base}/distribution.csv",
-                   grounding=f"{base}/grounding.png", regions=f"{base}/regions.csv", viewer=f"/#job/{job_id}")
+                   grounding=f"{base}/grounding.png", captions=f"{base}/captions.csv", regions=f"{base}/regions.csv",
+                   viewer=f"/#job/{job_id}")
 
 
 class JobCreated(BaseModel):

@@ -71,6 +71,7 @@ _SUBMIT_BODY = {
 
 OUTPUTS = {  # output file -> (media type, the option without which a job has none: a 404 that says so)
     "results.jsonl": ("application/x-ndjson", None),
+    "captions.csv": ("text/csv", None),
     "summary.json": ("application/json", None),
     "figure.png": ("image/png", "categorize"),
     "entropy.png": ("image/png", None),
@@ -222,6 +223,12 @@ def get_distribution(request: Request, job: Job) -> FileResponse:
             response_class=FileResponse, responses=_file_doc("grounding.png"))
 def get_grounding_figure(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "grounding.png")
+
+
+@router.get("/jobs/{job_id}/captions.csv", summary="Every caption: one row per image (and region) and layer",
+            response_class=FileResponse, responses=_file_doc("captions.csv"))
+def get_caption_table(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "captions.csv")
 
 
 @router.get("/jobs/{job_id}/regions.csv", summary="Region captions: one row per region, image and layer",

@@ -79,6 +79,7 @@ export class ResultsView {
     const short = job.id.slice(0, 8);
     const downloads = [
       { href: links.results, name: `${short}-results.jsonl`, label: "Results", kind: ".jsonl" },
+      { href: links.captions, name: `${short}-captions.csv`, label: "Captions table", kind: ".csv" },
       { href: links.summary, name: `${short}-summary.json`, label: "Summary", kind: ".json" },
       categorized && { href: links.distribution, name: `${short}-distribution.csv`, label: "Distribution", kind: ".csv" },
       categorized && { href: links.figure, name: `${short}-figure.png`, label: "Class figure", kind: ".png" },
