@@ -4,8 +4,11 @@ categorized job (an image's captions per layer with their labels)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import BaseModel, Field
 
+from latent_verbalizer.shared import pmi
 from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
 
 MAX_LABELS = 3
@@ -15,6 +18,9 @@ class Phrase(BaseModel):
     text: str
     labels: list[str] = Field(min_length=1, max_length=MAX_LABELS, description="taxonomy labels, main label first")
     unmatched: bool | None = Field(None, description="True: the text is not in the caption (an LLM rewrote it)")
+    pmi: float | None = Field(None, description="likelihood grounding: the mean pmi of its words (shared/pmi.py);"
+                                                " absent without grounding or when its words are not in the caption")
+    supported: bool | None = Field(None, description="pmi exceeds tau: the image, not the decoder's prior, says it")
 
     @property
     def main(self) -> str:
@@ -25,6 +31,17 @@ class CaptionLabels(BaseModel):
     caption: str
     phrases: list[Phrase] = Field(default_factory=list)
     error: str | None = Field(None, description="why this caption has no labels; None when labelled")
+
+    def grounded(self, word_pmi: Sequence[float] | None) -> CaptionLabels:
+        """A copy whose phrases carry their `pmi` and `supported`, from the caption's words' PMIs (one per
+        word of the caption; None: no grounding, the copy is plain). Copies: identical captions share one
+        labelling (stage.categorize) but not their images' PMIs."""
+        if word_pmi is None:
+            return self.model_copy(deep=True)
+        values = pmi.phrase_pmi(self.caption, word_pmi, [p.text for p in self.phrases])
+        return self.model_copy(update={"phrases": [
+            p.model_copy(update={"pmi": v, "supported": None if v is None else v > pmi.TAU})
+            for p, v in zip(self.phrases, values, strict=True)]})
 
 
 class LabeledCaption(LayerCaption):

@@ -7,14 +7,17 @@ CoCa's own contrastive towers score how well a text describes an image. Per capt
                          model's input size, through the same preprocessing and decode parameters
   last_layer_similarity  cos(its text embedding, that of the same image's caption at the deepest
                          selected layer); 1.0 at that layer
-and, once every image of a run or job is known, `retrieval_rank` among a gallery of its images.
+and, once every image of a run or job is known, `retrieval_rank` among a gallery of its images; and the
+likelihood grounding of every token, word and caption against the same gray image (`pmi`, `word_pmi`,
+`image_pmi`, `supported_share`: services.decoder.pmi), its captions scored under the gray image's latents.
 Text embeddings are `model.encode_text` of the generated ids (services.decoder.text_embedding);
 image embeddings `model.encode_image` (services.encoder.stage.encode_grounded).
 
 The gray image's captions are decoded once per (model and its weights, layers, decode parameters), in the
 same batch as the first images' rows (a separate decode of L rows would cost nearly a whole batch's
 steps), and kept: per process, and on disk under the cache_dir setting (services.decoder.null_cache), so
-only the first run of a model/layer set pays for them; later processes read them.
+only the first run of a model/layer set pays for them; later processes read them. Its latents (one vision
+forward of one image) are kept per process with them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,9 +37,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from latent_verbalizer.services.decoder import null_cache
+from latent_verbalizer.services.decoder import null_cache, pmi
 from latent_verbalizer.services.decoder.null_cache import NullCaption
-from latent_verbalizer.services.decoder.stage import decode, layer_captions, layer_rows, row_keys
+from latent_verbalizer.services.decoder.stage import decode, layer_captions, layer_rows, row_keys, score
 from latent_verbalizer.services.encoder.stage import encode
 from latent_verbalizer.shared.artifacts import ArtifactStore, write_atomic
 from latent_verbalizer.shared.jobs import JobRecord
@@ -46,8 +50,10 @@ from latent_verbalizer.shared.settings import get_settings
 GRAY = (128, 128, 128)
 GALLERY_SEED = 0  # the retrieval gallery's sample is fixed by this seed and the images' order
 _NULL_ROW_ID = "\0gray"  # row key of the gray image's rows (seeded sampling)
-# per model: {(weights fingerprint, dtype, device type, layers, params): the gray image's captions, per layer}
-_null: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[NullCaption]]] = weakref.WeakKeyDictionary()
+# per model: {(weights fingerprint, dtype, device type, layers, params): the gray image's captions, per layer,
+# and its latents [L, N, D]}
+_null: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[list[NullCaption], torch.Tensor]]] = (
+    weakref.WeakKeyDictionary())
 
 
 @dataclass
@@ -77,25 +83,28 @@ def caption_grounded(
     attention: bool = False,
 ) -> Grounded:
     """latents [L, n, N, D] and image embeddings [n, E] from `encode_grounded` -> per image its caption
-    at every layer with image_score, prior, prior_overlap and last_layer_similarity; `attention`: with
-    each caption's cross-attention (services.decoder.stage.decode)."""
+    at every layer with image_score, prior, prior_overlap, last_layer_similarity and its PMI fields;
+    `attention`: with each caption's cross-attention (services.decoder.stage.decode)."""
     L, n = latents.shape[:2]
     rows, ids = layer_rows(latents, image_ids, layers)  # [n*L, N, D]
     kept = _null.setdefault(lm.model, {})
     key = (null_cache.weights_fingerprint(lm.model), lm.dtype, lm.device.type, tuple(layers), params)
-    null = kept.get(key)
+    null, null_latents = kept.get(key, (None, None))
     if null is None:
         gray = gray_pixels(lm)
+        null_latents = encode(lm.model.visual, gray, layers)[:, 0].to(rows)  # [L, N, D]
         entry = null_cache.entry_name(lm, gray, layers, params)
         null = null_cache.read(entry, layers)
         if null is None:  # the gray image's rows ride along with this batch
-            rows = torch.cat([rows, encode(lm.model.visual, gray, layers)[:, 0].to(rows)])  # + [L, N, D]
+            rows = torch.cat([rows, null_latents])
             ids += [(_NULL_ROW_ID, layer) for layer in layers]
     decoded = decode(lm, rows, params, row_keys(ids), batch_rows, embed_text=True, attention=attention)
     if null is None:
         null = [NullCaption(d.text, d.tokens) for d in decoded[n * L :]]
         null_cache.write(entry, lm.name, layers, null)
-    kept[key] = null
+    kept.setdefault(key, (null, null_latents))
+    null_logprobs = pmi.null_logprobs(partial(score, lm, batch_rows=batch_rows), null_latents,
+                                      list(range(L)) * n, [d.tokens for d in decoded[: n * L]])
     text = F.normalize(torch.stack([d.text_embedding for d in decoded[: n * L]]), dim=-1).view(n, L, -1)
     image = F.normalize(image_embeddings.float().to(text.device), dim=-1)  # [n, E]
     scores = torch.einsum("nle,ne->nl", text, image)  # [n, L]
@@ -108,6 +117,8 @@ def caption_grounded(
             c.prior = c.caption == null[j].text
             c.prior_overlap = token_f1(c.tokens, null[j].tokens)
             c.last_layer_similarity = float(to_last[i, j])
+            d = decoded[i * L + j]
+            pmi.annotate(c, d.logprob, null_logprobs[i * L + j], [lm.tokenizer.decode([t]) for t in d.tokens])
     return Grounded(captions, text, image, {f"layer_{layer}": d.text for layer, d in zip(layers, null)},
                     [d.cross_attention for d in decoded[: n * L]] if attention else None)
 

@@ -86,6 +86,34 @@ def decode(
     return out
 
 
+def score(
+    lm: LoadedModel, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]], batch_rows: int = 256,
+) -> list[torch.Tensor]:
+    """Teacher-forced log-probabilities (TextDecoder.score) of each caption's tokens, then of its end token,
+    under rows [R, N, D] (caption r reads row r) or [1, N, D] (every caption reads that one row) -> per
+    caption [len(tokens) + 1] float32; a caption that ended with the pad id 0 (open_clip's other end) has
+    no end token after it: [len(tokens)]. Captions are scored `batch_rows` at a time, the shortest
+    together. CoCa's pooled rows have no mask (regions are pooled before), so `mask` must be None."""
+    if mask is not None:
+        raise ValueError("CoCa's rows are read whole: no mask")
+    decoder = TextDecoder.of(lm.model)
+    ends = [[] if t and t[-1] == lm.pad_id else [lm.eot_id] for t in tokens]
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tokens)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    for start in range(0, len(order), batch_rows):
+        batch = order[start : start + batch_rows]
+        seqs = [[lm.sot_id, *tokens[i], *ends[i]] for i in batch]
+        ids = torch.full((len(batch), max(map(len, seqs))), lm.pad_id, dtype=torch.long)
+        for j, seq in enumerate(seqs):
+            ids[j, : len(seq)] = torch.tensor(seq)
+        lengths = torch.tensor([len(seq) - 1 for seq in seqs])
+        image = rows if rows.shape[0] == 1 else rows[torch.tensor(batch)]
+        logp = decoder.score(image.to(lm.device, decoder.dtype), ids.to(lm.device), lengths).cpu()
+        for j, i in enumerate(batch):
+            out[i] = logp[j, : lengths[j]]
+    return out
+
+
 def _recompute(decoder: TextDecoder, lm: LoadedModel, tokens: list[list[int]], seq_len: int) -> torch.Tensor:
     """Text embeddings [B, E] of finished captions (tokens without start and end token)."""
     ids = torch.full((len(tokens), seq_len), lm.pad_id, dtype=torch.long)
