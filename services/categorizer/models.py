@@ -34,14 +34,24 @@ class CaptionLabels(BaseModel):
 
     def grounded(self, word_pmi: Sequence[float] | None) -> CaptionLabels:
         """A copy whose phrases carry their `pmi` and `supported`, from the caption's words' PMIs (one per
-        word of the caption; None: no grounding, the copy is plain). Copies: identical captions share one
-        labelling (stage.categorize) but not their images' PMIs."""
+        word of the caption; None: no grounding, these labels as they are). A copy: identical captions share
+        one labelling (stage.categorize) but not their images' PMIs."""
         if word_pmi is None:
-            return self.model_copy(deep=True)
+            return self
         values = pmi.phrase_pmi(self.caption, word_pmi, [p.text for p in self.phrases])
         return self.model_copy(update={"phrases": [
             p.model_copy(update={"pmi": v, "supported": None if v is None else v > pmi.TAU})
             for p, v in zip(self.phrases, values, strict=True)]})
+
+
+def grounded_layers(labels: dict[int, list[CaptionLabels]],
+                    word_pmi: dict[int, list[list[float] | None]] | None) -> dict[int, list[CaptionLabels]]:
+    """Per layer, each caption's labels with its phrases' PMI (CaptionLabels.grounded), from the captions'
+    words' PMIs in the same order (None: no grounding, the labels as they are)."""
+    if not word_pmi:
+        return labels
+    return {layer: [c.grounded(w) for c, w in zip(captions, word_pmi[layer], strict=True)]
+            for layer, captions in labels.items()}
 
 
 class LabeledCaption(LayerCaption):

@@ -43,7 +43,8 @@ def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
             layers=None
             if r.layers is None
             else [
-                LabeledCaption(**c.model_dump(), phrases=(cl := next(labels)).phrases, label_error=cl.error)
+                LabeledCaption(**c.model_dump(), phrases=(cl := next(labels).grounded(c.word_pmi)).phrases,
+                               label_error=cl.error)
                 for c in r.layers
             ],
         )
