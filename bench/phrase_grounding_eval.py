@@ -18,14 +18,15 @@ embedded labeler and gives each phrase its PMI (shared/pmi.py), then prints
   spearman_supported_vs_true across layers: rank correlation of supported_share with true_share
   contrastive                the same AUCs with the contrastive null instead of the gray image: each caption
                              scored under K other scenes' latents at its layer, the null likelihood their mean
+  likelihood                 the same AUCs of ln p(token | prefix, image) alone (no null): what the null adds
   overhead                   what PMI adds to verbalize's wall time: coca_ViT-B-32, random weights, 8 images,
                              every layer, --threads threads, grounding on; the seconds spent in PMI (the null
                              input's scoring and the per-word values) over the rest of the same runs
-  overhead_grounding         all of grounding (PMI included) against --no-grounding (bench/grounding_overhead.py)
+All of grounding (PMI included) against --no-grounding: bench/grounding_overhead.py.
 Targets: phrase_auc >= 0.85, word_auc >= 0.85, spearman >= 0.8, overhead <= 0.15.
 --tune SEED...: on those seeds' scenes, the tau that best separates true from false phrases (Youden's J:
 true positive rate minus false positive rate) and the figures at the shipped TAU. --out DIR: also the
-demo's labels and analysis files (figure_supported.png: README's docs/figure_supported.png).
+run's analysis files (README's docs/figure_supported.png is --n 200 --seed 2026's figure_supported.png).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import TRAINING_SEEDS, parse_scene_args, report, scene_parser  # noqa: E402
 from bench.grounding_eval import auc, spearman  # noqa: E402
-from bench.grounding_overhead import measure, random_items  # noqa: E402
+from bench.grounding_overhead import random_items  # noqa: E402
+from latent_verbalizer.services.categorizer.analysis import analyze  # noqa: E402
 from latent_verbalizer.services.categorizer.models import CaptionLabels  # noqa: E402
+from latent_verbalizer.services.categorizer.report import write_report  # noqa: E402
 from latent_verbalizer.services.categorizer.stage import categorize_layers, make_labeler  # noqa: E402
 from latent_verbalizer.services.decoder import grounding  # noqa: E402
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings  # noqa: E402
@@ -140,10 +143,13 @@ def best_tau(phrases: list[tuple[float, bool]]) -> float:
     return max(cuts, key=youden)
 
 
-def contrastive(lm: LoadedModel, results: list[ImageResult], seed: int) -> list[ImageResult]:
-    """The results with PMI against the contrastive null: ln p_null(token) = ln mean_k p(token | prefix, scene
-    i+k's latents at the caption's layer), k = 1..K (the run's next K scenes, cyclically); the image side
-    teacher-forced under the caption's own latents (equal to decoding's: tests/test_pmi.py)."""
+def other_nulls(lm: LoadedModel, results: list[ImageResult], seed: int) -> dict[str, list[ImageResult]]:
+    """The results with their PMI fields against other nulls, the image side teacher-forced under the caption's
+    own latents (equal to decoding's: tests/test_pmi.py):
+      contrastive  ln p_null(token) = ln mean_k p(token | prefix, scene i+k's latents at the caption's layer),
+                   k = 1..K (the run's next K scenes, cyclically): the mean likelihood under other images
+      likelihood   no null at all (ln p_null = 0): the fields hold ln p(token | prefix, image), the decoder's
+                   own confidence, as a baseline for what the null adds."""
     items, _ = scene_items(seed, len(results))
     pixels, _, _ = load_pixels(lm, items)
     layers = [c.layer for c in results[0].layers]
@@ -154,12 +160,13 @@ def contrastive(lm: LoadedModel, results: list[ImageResult], seed: int) -> list[
     own = score(lm, rows, None, tokens)
     under = [score(lm, rows[torch.tensor([((i + k) % n) * L + j for i in range(n) for j in range(L)])], None, tokens)
              for k in range(1, CONTRASTIVE_K + 1)]
-    out = [r.model_copy(deep=True) for r in results]
-    for i, caption in enumerate(c for r in out for c in r.layers):
+    out = {name: [r.model_copy(deep=True) for r in results] for name in ("contrastive", "likelihood")}
+    for i, (contrast, alone) in enumerate(zip(*([c for r in out[name] for c in r.layers] for name in out))):
         t = len(tokens[i])
         null = torch.logsumexp(torch.stack([u[i][:t] for u in under]), 0) - torch.log(torch.tensor(CONTRASTIVE_K))
         texts = [lm.tokenizer.decode([x]) for x in tokens[i]]
-        grounding.pmi.annotate(caption, own[i][:t].tolist(), null.tolist(), texts)
+        grounding.pmi.annotate(contrast, own[i][:t].tolist(), null.tolist(), texts)
+        grounding.pmi.annotate(alone, own[i][:t].tolist(), [0.0] * t, texts)
     return out
 
 
@@ -218,8 +225,9 @@ def main() -> int:
     p = scene_parser(__doc__.splitlines()[0], seed=2026)
     p.add_argument("--tune", type=int, nargs="+", metavar="SEED", help="choose tau on these seeds' scenes")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the overhead budget is for 2)")
-    p.add_argument("--overhead-repeats", type=int, default=2, help="0: skip the overhead measurements")
-    p.add_argument("--out", type=Path, help="also write the run's labels and analysis there")
+    p.add_argument("--overhead-repeats", type=int, default=2, help="0: skip the overhead measurement")
+    p.add_argument("--out", type=Path, help="also write the run's analysis there (figure.png, figure_supported.png,"
+                   " distribution_supported.csv, ...)")
     args = parse_scene_args(p)
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, args.pretrained, args.device)
@@ -239,16 +247,18 @@ def main() -> int:
     t0 = time.perf_counter()
     results, truth = demo_run(lm, args.seed, args.n)
     labels = labelled(results)
+    if args.out:
+        write_report(analyze(labels), args.out, {"model": f"{args.model}/{args.pretrained}", "seed": args.seed})
     figures = {"model": f"{args.model}/{args.pretrained}", "n": args.n, "seed": args.seed, "tau": pmi.TAU,
                **public(evaluate(results, truth, labels, pmi.TAU)), "seconds": round(time.perf_counter() - t0, 2)}
-    alt = evaluate(contrastive(lm, results, args.seed), truth, labels, pmi.TAU)
-    figures["contrastive"] = {"k": CONTRASTIVE_K, "phrase_auc": alt["phrase_auc"], "word_auc": alt["word_auc"],
-                              "spearman_supported_vs_true": alt["spearman_supported_vs_true"]}
+    for name, alt_results in other_nulls(lm, results, args.seed).items():
+        alt = evaluate(alt_results, truth, labelled(alt_results), pmi.TAU)
+        figures[name] = {"phrase_auc": alt["phrase_auc"], "word_auc": alt["word_auc"]}
+    figures["contrastive"]["k"] = CONTRASTIVE_K
     if args.overhead_repeats:
         b32 = load_model("coca_ViT-B-32", None, "cpu")  # random weights
         figures["overhead_detail"] = pmi_overhead(b32, args.overhead_repeats)
         figures["overhead"] = figures["overhead_detail"]["overhead"]
-        figures["overhead_grounding"] = measure(b32, random_items(8), args.overhead_repeats)["overhead"]
     figures["targets_met"] = {k: figures[k] is not None and figures[k] >= t for k, t in TARGETS.items()}
     if "overhead" in figures:
         figures["targets_met"]["overhead"] = figures["overhead"] <= 0.15

@@ -17,9 +17,10 @@ punctuation aside, after the previous phrase's words; its PMI is the mean of its
 supported when that exceeds TAU. A phrase whose words are not in the caption (an LLM rewrote it) has
 no PMI.
 
-TAU = 1.0 nat (the image made the token e = 2.7 times as likely as the null input did): chosen on the
-demo model's own seeds, never its evaluation seed (README, "Which words does the image support?";
-bench/phrase_grounding_eval.py --tune)."""
+TAU = 3.0 nats (the image made the phrase's words e^3 = 20 times as likely as the null input did, on
+average): chosen on the demo model's own scenes, never its evaluation seed: `bench/phrase_grounding_eval.py
+--tune 11 12 --n 60` found 3.13 the threshold that best separates phrases true of the scene from false ones
+(Youden's J) on those seeds; rounded. README, "Which words does the image support?"."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 from latent_verbalizer.shared.function_words import FUNCTION_WORDS
 
-TAU = 1.0
+TAU = 3.0
 _NOT_WORD = re.compile(r"[^a-z0-9]+")
 
 

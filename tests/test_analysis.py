@@ -244,10 +244,10 @@ def grounded(*phrases: tuple[str, float | None]) -> CaptionLabels:
 
 def test_the_chart_of_supported_phrases_counts_only_what_the_image_supports(tmp_path):
     labels = {
-        0: [grounded(("color", 5.0), ("object", 0.1), ("color", -1.0), ("male", 2.0)),  # color 25, person 25
+        0: [grounded(("color", TAU + 2), ("object", 0.1), ("color", -1.0), ("male", TAU + 1)),  # color 25, person 25
             grounded(("color", 0.0), ("actions", None)),  # the unmatched phrase is out: 0 of 1 supported
             caption("color")],  # no grounding: out
-        2: [grounded(("object", 3.0))],
+        2: [grounded(("object", TAU + 0.5))],
     }
     result = analyze(labels)
     assert result.supported.share == [pytest.approx(2 / 5), 1.0] and result.supported.phrases == [5, 1]
@@ -277,13 +277,14 @@ def test_categorize_gives_phrases_the_pmi_of_their_words_in_each_image(tmp_path)
         return ImageResult(id=str(i), source="x", layers=[layer]).model_dump_json()
 
     results = tmp_path / "results.jsonl"
-    results.write_text("\n".join([result(0, [0.0, 4.0, 0.5, 0.0, 3.0]), result(1, [0.0, 0.2, 0.1, 0.0, 9.0])]))
+    word_pmi = [[0.0, 2 * TAU + 2, TAU - 1, 0.0, 2 * TAU], [0.0, 0.2, 0.1, 0.0, 2 * TAU + 6]]
+    results.write_text("\n".join([result(0, word_pmi[0]), result(1, word_pmi[1])]))
     labels, out = tmp_path / "labels.json", tmp_path / "report"
     assert main(["categorize", str(results), "--backend", "embedded", "--out", str(labels)]) == 0
     first, second = json.loads(labels.read_text())["layer_0"]  # one caption, labelled once, two images' PMIs
     assert [(p["text"], p["pmi"], p["supported"]) for p in first["phrases"]] == [
-        ("a man", 2.0, True), ("riding", 0.5, False), ("a horse", 1.5, True)]
-    assert [(p["pmi"], p["supported"]) for p in second["phrases"]] == [(0.1, False), (0.1, False), (4.5, True)]
+        ("a man", TAU + 1, True), ("riding", TAU - 1, False), ("a horse", TAU, False)]
+    assert [(p["pmi"], p["supported"]) for p in second["phrases"]] == [(0.1, False), (0.1, False), (TAU + 3, True)]
     assert main(["analyze", str(labels), "--out", str(out)]) == 0
-    assert json.loads((out / "summary.json").read_text())["layers"][0]["supported_share"] == pytest.approx(3 / 6)
+    assert json.loads((out / "summary.json").read_text())["layers"][0]["supported_share"] == pytest.approx(2 / 6)
     assert (out / "figure_supported.png").exists() and (out / "distribution_supported.csv").exists()
