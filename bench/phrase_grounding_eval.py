@@ -51,13 +51,13 @@ from latent_verbalizer.services.categorizer.report import write_report  # noqa: 
 from latent_verbalizer.services.categorizer.stage import categorize_layers, make_labeler  # noqa: E402
 from latent_verbalizer.services.decoder import grounding  # noqa: E402
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings  # noqa: E402
-from latent_verbalizer.services.decoder.stage import layer_rows, score  # noqa: E402
+from latent_verbalizer.services.decoder.stage import layer_rows  # noqa: E402
 from latent_verbalizer.services.demo.evaluate import scene_items  # noqa: E402
 from latent_verbalizer.services.demo.synth import BACKGROUNDS, COLORS, SHAPES, Scene  # noqa: E402
-from latent_verbalizer.services.encoder.stage import check_layers, encode, load_pixels  # noqa: E402
+from latent_verbalizer.services.encoder.stage import load_pixels  # noqa: E402
+from latent_verbalizer.services.families import Family, load_family  # noqa: E402
 from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
 from latent_verbalizer.shared import pmi  # noqa: E402
-from latent_verbalizer.shared.models import LoadedModel, load_model  # noqa: E402
 from latent_verbalizer.shared.schemas import ImageResult  # noqa: E402
 
 TARGETS = {"phrase_auc": 0.85, "word_auc": 0.85, "spearman_supported_vs_true": 0.8}
@@ -143,7 +143,7 @@ def best_tau(phrases: list[tuple[float, bool]]) -> float:
     return max(cuts, key=youden)
 
 
-def other_nulls(lm: LoadedModel, results: list[ImageResult], seed: int) -> dict[str, list[ImageResult]]:
+def other_nulls(lm: Family, results: list[ImageResult], seed: int) -> dict[str, list[ImageResult]]:
     """The results with their PMI fields against other nulls, the image side teacher-forced under the caption's
     own latents (equal to decoding's: tests/test_pmi.py):
       contrastive  ln p_null(token) = ln mean_k p(token | prefix, scene i+k's latents at the caption's layer),
@@ -153,18 +153,18 @@ def other_nulls(lm: LoadedModel, results: list[ImageResult], seed: int) -> dict[
     items, _ = scene_items(seed, len(results))
     pixels, _, _ = load_pixels(lm, items)
     layers = [c.layer for c in results[0].layers]
-    latents = encode(lm.model.visual, pixels, check_layers(lm.model.visual, layers))  # [L, n, N, D]
+    latents = lm.encode(pixels, layers).latents  # [L, n, N, D]
     n, L = len(results), len(layers)
     rows, _ = layer_rows(latents, [r.id for r in results], layers)  # image-major [n*L, N, D]
     tokens = [c.tokens for r in results for c in r.layers]
-    own = score(lm, rows, None, tokens)
-    under = [score(lm, rows[torch.tensor([((i + k) % n) * L + j for i in range(n) for j in range(L)])], None, tokens)
+    own = lm.score(rows, None, tokens)
+    under = [lm.score(rows[torch.tensor([((i + k) % n) * L + j for i in range(n) for j in range(L)])], None, tokens)
              for k in range(1, CONTRASTIVE_K + 1)]
     out = {name: [r.model_copy(deep=True) for r in results] for name in ("contrastive", "likelihood")}
     for i, (contrast, alone) in enumerate(zip(*([c for r in out[name] for c in r.layers] for name in out))):
         t = len(tokens[i])
         null = torch.logsumexp(torch.stack([u[i][:t] for u in under]), 0) - torch.log(torch.tensor(CONTRASTIVE_K))
-        texts = [lm.tokenizer.decode([x]) for x in tokens[i]]
+        texts = lm.token_texts(tokens[i])
         grounding.pmi.annotate(contrast, own[i][:t].tolist(), null.tolist(), texts)
         grounding.pmi.annotate(alone, own[i][:t].tolist(), [0.0] * t, texts)
     return out
@@ -194,7 +194,7 @@ def pmi_seconds() -> Iterator[list[float]]:
             setattr(grounding.pmi, name, fn)
 
 
-def pmi_overhead(lm: LoadedModel, repeats: int) -> dict:
+def pmi_overhead(lm: Family, repeats: int) -> dict:
     """verbalize with grounding on 8 random images: the seconds in PMI over the rest of the same run."""
     items = random_items(8)
     runs = []
@@ -212,7 +212,7 @@ def pmi_overhead(lm: LoadedModel, repeats: int) -> dict:
             "pmi_s": [round(p, 2) for _, p in runs]}
 
 
-def demo_run(lm: LoadedModel, seed: int, n: int) -> tuple[list[ImageResult], dict[str, Scene]]:
+def demo_run(lm: Family, seed: int, n: int) -> tuple[list[ImageResult], dict[str, Scene]]:
     items, truth = scene_items(seed, n)
     return list(verbalize(lm, items, grounding=RunEmbeddings())), truth
 
@@ -230,7 +230,7 @@ def main() -> int:
                    " distribution_supported.csv, ...)")
     args = parse_scene_args(p)
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model, args.pretrained, args.device)
+    lm = load_family(args.model, args.pretrained, args.device)
     if args.tune:
         if args.seed in args.tune or set(args.tune) & set(TRAINING_SEEDS):
             p.error("tune on seeds that are neither the evaluation seed nor training seeds")
@@ -256,7 +256,7 @@ def main() -> int:
         figures[name] = {"phrase_auc": alt["phrase_auc"], "word_auc": alt["word_auc"]}
     figures["contrastive"]["k"] = CONTRASTIVE_K
     if args.overhead_repeats:
-        b32 = load_model("coca_ViT-B-32", None, "cpu")  # random weights
+        b32 = load_family("coca_ViT-B-32", None, "cpu")  # random weights
         figures["overhead_detail"] = pmi_overhead(b32, args.overhead_repeats)
         figures["overhead"] = figures["overhead_detail"]["overhead"]
     figures["targets_met"] = {k: figures[k] is not None and figures[k] >= t for k, t in TARGETS.items()}

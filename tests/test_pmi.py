@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from latent_verbalizer.services.decoder import grounding
-from latent_verbalizer.services.decoder.grounding import caption_grounded, gray_pixels
+from latent_verbalizer.services.decoder.grounding import caption_grounded
 from latent_verbalizer.services.decoder.model import TextDecoder
 from latent_verbalizer.services.decoder.stage import decode
 from latent_verbalizer.services.demo.evaluate import scene_items
 from latent_verbalizer.services.encoder.stage import check_layers, encode, encode_grounded, load_pixels
+from latent_verbalizer.services.families import load_family
 from latent_verbalizer.shared import pmi
-from latent_verbalizer.shared.models import load_model
 from latent_verbalizer.shared.schemas import DecodeParams
 from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED
 
@@ -26,7 +26,7 @@ STRATEGIES = [
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_model(DEMO_MODEL, DEMO_PRETRAINED)
+    return load_family(DEMO_MODEL, DEMO_PRETRAINED)
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,11 @@ def demo_rows(demo):
 
 
 def teacher_forced(lm, rows: torch.Tensor, decoded) -> list[torch.Tensor]:
-    """TextDecoder.score over [start, tokens, end] of each decoded caption -> per caption the log-probs
-    of its tokens and end token (a caption that ended with the pad id 0 has no other end)."""
-    seqs = [[lm.sot_id, *d.tokens] + ([] if d.tokens and d.tokens[-1] == lm.pad_id else [lm.eot_id]) for d in decoded]
-    ids = torch.full((len(seqs), max(map(len, seqs))), lm.pad_id)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-    lengths = torch.tensor([len(s) - 1 for s in seqs])
-    logp = TextDecoder.of(lm.model).score(rows, ids, lengths)
-    return [row[:n] for row, n in zip(logp, lengths.tolist())]
+    """The family's score (CoCa: TextDecoder.score) of each decoded caption -> per caption the log-probs of
+    the steps decoding took: its tokens and end token (a caption that ended with the pad id 0 has no other
+    end: its steps are its tokens)."""
+    scored = lm.score(rows, None, [d.tokens for d in decoded])
+    return [s[: len(d.entropy)] for s, d in zip(scored, decoded, strict=True)]
 
 
 @pytest.mark.parametrize("params", STRATEGIES, ids=lambda p: p.strategy)
@@ -69,7 +65,7 @@ def test_score_reads_the_image_and_only_the_asked_positions(demo, demo_rows):
     own = teacher_forced(demo, demo_rows[-2:], decoded)
     swapped = teacher_forced(demo, demo_rows[-2:].flip(0), decoded)  # each caption under the other image
     assert all((a - b).abs().max() > 0.1 for a, b in zip(own, swapped))
-    ids = torch.tensor([[demo.sot_id, *decoded[0].tokens, demo.eot_id]])
+    ids = torch.tensor([[demo.start_id, *decoded[0].tokens, demo.end_id]])
     full = TextDecoder.of(demo.model).score(demo_rows[-1:], ids)  # no lengths: every position
     part = TextDecoder.of(demo.model).score(demo_rows[-1:], ids, torch.tensor([2]))
     assert torch.equal(part[0, :2], full[0, :2]) and not part[0, 2:].any()
@@ -80,10 +76,12 @@ def test_one_image_for_every_row_scores_as_that_image_repeated(model, request, d
     lm = request.getfixturevalue(model)
     rows = demo_rows if model == "demo" else encode(lm.model.visual, pixels, [0, 3]).flatten(0, 1)
     decoded = decode(lm, rows, DecodeParams(seq_len=12))
-    ids = torch.tensor([[lm.sot_id, *d.tokens, lm.eot_id] + [lm.pad_id] * (10 - len(d.tokens)) for d in decoded])
+    ids = torch.tensor([[lm.start_id, *d.tokens, lm.end_id] + [lm.pad_id] * (10 - len(d.tokens)) for d in decoded])
     decoder = TextDecoder.of(lm.model)
+    repeated = decoder.score(rows[3:4].repeat(len(ids), 1, 1), ids)  # [B, N, D]: the fold, per row
     shared = decoder.score(rows[3:4], ids)  # [1, N, D]: the cross-attention's keys and values once
-    assert torch.allclose(shared, decoder.score(rows[3:4].expand(len(ids), -1, -1), ids), atol=1e-4, rtol=1e-4)
+    expanded = decoder.score(rows[3:4].expand(len(ids), -1, -1), ids)  # a view: read as [1, N, D]
+    assert torch.allclose(shared, repeated, atol=1e-4, rtol=1e-4) and torch.equal(shared, expanded)
 
 
 def test_score_refuses_more_positions_than_the_text_tower_has(tiny, pixels):
@@ -96,11 +94,11 @@ def test_score_refuses_more_positions_than_the_text_tower_has(tiny, pixels):
 def test_grounded_captions_carry_pmi_against_the_gray_image_at_their_layer(model, pixels, request):
     lm = request.getfixturevalue(model)
     grounding.forget_null_captions(lm.model)
-    images = torch.cat([pixels[:3], gray_pixels(lm)])  # the last image IS the null input
+    images = torch.cat([pixels[:3], lm.null_pixels()])  # the last image IS the null input
     layers = [3, 0]
     latents, embeddings = encode_grounded(lm.model.visual, images, layers)
     params = DecodeParams(seq_len=10)
-    g = caption_grounded(lm, latents, embeddings, layers, ["a", "b", "c", "gray"], params)
+    g = caption_grounded(lm, latents, embeddings, latents[:, 3:], layers, ["a", "b", "c", "gray"], params)
     decoded = decode(lm, latents.transpose(0, 1).flatten(0, 1), params)  # image-major, as caption_grounded's
     null = latents[:, 3]  # [L, N, D]: the gray image's rows
     decoder = TextDecoder.of(lm.model)
@@ -108,13 +106,13 @@ def test_grounded_captions_carry_pmi_against_the_gray_image_at_their_layer(model
         for j, c in enumerate(per_image):
             d = decoded[i * len(layers) + j]
             assert c.tokens == d.tokens and len(c.pmi) == len(c.tokens)
-            ids = torch.tensor([[lm.sot_id, *c.tokens]])
+            ids = torch.tensor([[lm.start_id, *c.tokens]])
             under_null = decoder.score(null[j : j + 1], ids)[0]
             assert c.pmi == pytest.approx((torch.tensor(d.logprob[: len(c.tokens)]) - under_null).tolist(), abs=1e-4)
             assert c.image_pmi == pytest.approx(sum(c.pmi) / len(c.pmi))
             if i == 3:  # the null image's own captions: the image adds nothing to any token
                 assert c.pmi == pytest.approx([0.0] * len(c.pmi), abs=1e-4)
-            texts = [lm.tokenizer.decode([t]) for t in c.tokens]
+            texts = lm.token_texts(c.tokens)
             runs = pmi.word_runs(texts, c.caption)
             assert runs is not None and c.word_pmi == pytest.approx(pmi.word_pmi(c.pmi, runs))
             words = pmi.caption_words(c.caption)
@@ -124,8 +122,8 @@ def test_grounded_captions_carry_pmi_against_the_gray_image_at_their_layer(model
 def test_words_group_tokens_as_the_viewer_does(tiny):
     caption = "a blue-ish square!! on 2 grayish backgrounds"
     ids = tiny.tokenizer.encode(caption)
-    texts = [tiny.tokenizer.decode([t]) for t in ids]  # "a ", "blue ", "- ", "ish ", "square ", "!! ", ...
-    shown = tiny.tokenizer.decode(ids).strip()  # "a blue - ish square !! on 2 grayish backgrounds"
+    texts = tiny.token_texts(ids)  # "a ", "blue ", "- ", "ish ", "square ", "!! ", ...
+    shown = tiny.decode_text(ids)  # "a blue - ish square !! on 2 grayish backgrounds"
     runs = pmi.word_runs(texts, shown)
     assert [[texts[p] for p in run] for run in runs][8:] == [["gray", "ish "], ["backgrounds "]]
     assert pmi.word_runs(texts, caption) is None  # 6 words shown, 10 runs: no word gets a wrong value

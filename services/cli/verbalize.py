@@ -1,7 +1,9 @@
 """`latent-verbalizer verbalize PATH... --out DIR`: the embedded pipeline, one process, no Redis.
 
 Writes DIR/results.jsonl (one ImageResult per input image, in input order, streamed as it goes) and
-DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}).
+DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}) and
+DIR/run.json (the run's summary: the model's family, name, weights, prompt, layers and extras, with
+notes on what a family lacks, and the decoding parameters).
 With grounding (the default; --no-grounding turns it off) every caption carries its grounding
 measures; once the last image is done results.jsonl is rewritten with the retrieval ranks, and
 DIR/prior.json holds the gray image's caption per layer ({"layer_<i>": caption}). With --attributions,
@@ -27,15 +29,18 @@ from latent_verbalizer.services.cli.common import (
     add_decode_args,
     add_model_args,
     decode_params_from_args,
+    layers_from_args,
     model_from_args,
-    parse_layers,
+    positive_int,
 )
+from latent_verbalizer.services.cli.outputs import check_out, staged_run
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
+from latent_verbalizer.services.families import Family
 from latent_verbalizer.services.pipeline import verbalize
 from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
-from latent_verbalizer.shared.models import LoadedModel, ModelError
+from latent_verbalizer.shared.models import ModelError
 from latent_verbalizer.shared.regions import Region, check_coverable, parse_regions
-from latent_verbalizer.shared.schemas import DecodeParams, ImageResult
+from latent_verbalizer.shared.schemas import DecodeParams, ImageResult, resolve_layers
 from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger("verbalize")
@@ -44,15 +49,19 @@ log = logging.getLogger("verbalize")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories, webdataset .tar shards")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--layers", default=None, help="vision blocks to caption, e.g. 0,5,23 or 0-11 (default all)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output directory (new or empty; a folder holding an earlier run needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out whole (only once this run has succeeded)")
+    p.add_argument("--layers", default=None,
+                   help="vision blocks to caption, e.g. 0,5,-1 or 0-11 (negative: from the end; default all)")
     add_model_args(p)
     add_decode_args(p)
     g = p.add_argument_group("batching and memory")
-    g.add_argument("--batch-size", type=int, default=s.encode_batch, help="images per vision forward")
-    g.add_argument("--decode-batch", type=int, default=s.decode_batch,
+    g.add_argument("--batch-size", type=positive_int, default=s.encode_batch, help="images per vision forward")
+    g.add_argument("--decode-batch", type=positive_int, default=s.decode_batch,
                    help="caption rows (images x layers) decoded together")
-    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    g.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--save-features", action="store_true",
                    help="also save each image's raw per-block outputs to DIR/features/<id>.safetensors")
     p.add_argument("--attributions", action="store_true",
@@ -75,25 +84,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         params = decode_params_from_args(args)
-        layers = parse_layers(args.layers)
+        layers = layers_from_args(args)
         check_inputs(args.paths)
         items = iter_items(args.paths)
         if args.gallery < 2:
             raise ValueError(f"--gallery {args.gallery}: a gallery needs at least 2 images")
         regions = regions_from_args(args)
-        lm = model_from_args(args)
-        check_coverable(regions, lm.model.visual.image_size, lm.model.visual.patch_size)
+        check_out(args.out, args.overwrite, args.paths)
+        family = model_from_args(args)
+        resolve_layers(layers, family.num_layers)
+        if regions:
+            family.require("regions")
+            check_coverable(regions, family.geometry.image_size, family.geometry.patch_size)
+        if args.attributions:
+            family.require("attributions")
     except (ModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Everything is written into a folder beside --out that replaces it only when the run has succeeded.
     try:
-        n_ok, n_err = write_run(lm, items, args.out, layers, params, batch_size=args.batch_size,
-                                decode_batch=args.decode_batch, max_pixels=args.max_pixels,
-                                save_features=args.save_features, grounding=args.grounding, gallery=args.gallery,
-                                attributions=args.attributions, regions=regions)
+        with staged_run(args.out, "verbalize") as tmp:
+            n_ok, n_err = write_run(family, items, tmp, layers, params, batch_size=args.batch_size,
+                                    decode_batch=args.decode_batch, max_pixels=args.max_pixels,
+                                    save_features=args.save_features, grounding=args.grounding,
+                                    gallery=args.gallery, attributions=args.attributions, regions=regions)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}; {args.out} is as it was", file=sys.stderr)
         return 2
+    log.info("written", extra={"out": str(args.out)})
     return 0 if n_ok or not n_err else 1
 
 
@@ -119,7 +137,7 @@ def _region_rows(result: ImageResult) -> Iterator[list]:
 
 
 def write_run(
-    lm: LoadedModel,
+    family: Family,
     items: Iterable[ImageItem],
     out: Path,
     layers: list[int] | None = None,
@@ -142,7 +160,7 @@ def write_run(
     n_ok = n_err = 0
     t0 = time.perf_counter()
     embeddings = RunEmbeddings() if grounding else None
-    results = verbalize(lm, items, layers, params, batch_size, decode_batch,
+    results = verbalize(family, items, layers, params, batch_size, decode_batch,
                         out / "features" if save_features else None, max_pixels, embeddings,
                         out / "attributions" if attributions else None, regions)
     with ExitStack() as files:
@@ -162,9 +180,10 @@ def write_run(
             for c in r.layers:
                 captions.setdefault(f"layer_{c.layer}", []).append(c.caption)
     (out / "captions.json").write_text(json.dumps(captions, indent=1))
+    run = {**family.describe(), "selected_layers": layers, "decode": params.model_dump(), "grounding": grounding}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
     if embeddings is not None and embeddings.ids:
         rewrite_with_ranks(out / "results.jsonl", embeddings.ranks(gallery))
         write_prior(out / "prior.json", embeddings.null_captions)
-    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2),
-                            "out": str(out)})
+    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2)})
     return n_ok, n_err

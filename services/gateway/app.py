@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
+from latent_verbalizer.services.chain.context import Context
 from latent_verbalizer.services.gateway.backends import LLMProbe
 from latent_verbalizer.services.gateway.deps import Gateway, require_api_key
 from latent_verbalizer.services.gateway.housekeeper import Housekeeper
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         llm = LLMProbe(settings.llm_url, settings.llm_model, settings.llm_api_key) if settings.llm_url else None
         app.state.gateway = Gateway(settings, client, job_store, artifacts, model, llm)
         app.state.metrics = registry(client, settings.redis_prefix)
-        housekeeper = Housekeeper(client, job_store, artifacts, settings.job_ttl_s, settings.redis_prefix)
+        housekeeper = Housekeeper(Context(settings, client, job_store, artifacts))
         housekeeper.start()
         log.info("gateway ready", extra={"redis": redis_url(settings), "prefix": settings.redis_prefix,
                                          "artifacts": str(settings.artifact_dir)})
@@ -123,7 +124,8 @@ def _model_bounds(doc: dict[str, Any], model: ModelInfo) -> None:
     if model.max_seq_len is not None:
         decode = schemas["DecodeParams"]["properties"]
         decode["seq_len"]["maximum"] = min(decode["seq_len"]["maximum"], model.max_seq_len)
-        decode["min_seq_len"]["maximum"] = decode["seq_len"]["maximum"] - 1
+        min_len = next(s for s in decode["min_seq_len"]["anyOf"] if s.get("type") == "integer")  # or null
+        min_len["maximum"] = decode["seq_len"]["maximum"] - 1
 
 
 # Every error answer is an ErrorOut, whoever raised it: request validation, a handler, Starlette's routing
