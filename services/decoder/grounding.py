@@ -33,6 +33,7 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +42,14 @@ from torch import nn
 
 from latent_verbalizer.services.decoder import null_cache, pmi
 from latent_verbalizer.services.decoder.null_cache import NullCaption
-from latent_verbalizer.services.decoder.stage import decode, layer_captions, layer_masks, layer_rows, row_keys
+from latent_verbalizer.services.decoder.stage import (
+    decode,
+    layer_captions,
+    layer_masks,
+    layer_rows,
+    row_keys,
+    score,
+)
 from latent_verbalizer.services.families import Family
 from latent_verbalizer.shared.artifacts import ArtifactStore, write_atomic
 from latent_verbalizer.shared.jobs import JobRecord
@@ -101,8 +109,8 @@ def caption_grounded(
         null_cache.write(entry, family.name, layers, null)
     kept[key] = null
     captions = layer_captions(decoded[: n * L], layers, n)
-    null_logprobs = pmi.null_logprobs(family.score, null_latents[:, 0], list(range(L)) * n,
-                                      [d.tokens for d in decoded[: n * L]])
+    null_logprobs = pmi.null_logprobs(partial(score, family, batch_rows=batch_rows), null_latents[:, 0],
+                                      list(range(L)) * n, [d.tokens for d in decoded[: n * L]])
     if contrastive:
         text = F.normalize(torch.stack([d.text_embedding for d in decoded[: n * L]]), dim=-1).view(n, L, -1)
         image = F.normalize(image_embeddings.float().to(text.device), dim=-1)  # [n, E]

@@ -191,20 +191,17 @@ class TextDecoder:
     @torch.inference_mode()
     def score(self, image_tokens: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor | None = None,
               chunk: int = 1024) -> torch.Tensor:
-        """Teacher forcing: image_tokens [B, N, D] (or [1, N, D], or one row expanded to [B, N, D]: one image
-        read by every row, whose cross-attention keys and values are then projected once, not folded per
-        row), ids [B, S] (start
-        token, caption, end token, anything after) -> logp [B, S-1] float32,
-        logp[b, t] = log p(ids[b, t+1] | ids[b, :t+1], image) (natural log, the log-softmax of the raw
-        logits, as `step` computes them one position at a time). With
+        """Teacher forcing: image_tokens [B, N, D] (or [1, N, D]: one image read by every row, whose
+        cross-attention keys and values are then projected once, not folded per row), ids [B, S] (start
+        token, caption, end token, anything after) -> logp [B, S-1] float32, logp[b, t] = log p(ids[b, t+1]
+        | ids[b, :t+1], image) (natural log, the log-softmax of the raw logits, as `step` computes them one
+        position at a time). With
         `lengths` [B], only positions t < lengths[b] are read out (the others hold 0): a row's tokens past
         its end cost the two stacks (causal: they cannot change earlier positions) but not the vocabulary.
         The vocabulary is read for `chunk` positions at a time ([chunk, V] float32 at once)."""
         B, S = ids.shape
         if S > self.max_len:
             raise ValueError(f"{S} positions exceed the text tower's {self.max_len}")
-        if image_tokens.shape[0] > 1 and image_tokens.stride(0) == 0:  # one row expanded to all: read it once
-            image_tokens = image_tokens[:1]
         inputs = ids[:, :-1]  # [B, S-1]
         x = self.text.token_embedding(inputs).to(self.dtype) + self.text.positional_embedding[: S - 1].to(self.dtype)
         for block in self.text_blocks:

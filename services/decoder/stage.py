@@ -15,14 +15,14 @@ give the same captions:
 Per caption we keep the token ids (start slot and a final end token excluded), the entropy in bits of
 the full softmax of the model's raw logits at every generated step (end token included), and their
 mean, and the natural log of the probability that softmax gave the token chosen at each step
-(`logprob`, likelihood grounding's image side: services.decoder.pmi); with `embed_text`, also its
-contrastive text embedding (a family with the contrastive extra):
-greedy and sampled rows get it from their stepper, which keeps what it needs of a row when it leaves
-the batch (`Stepper.retire`), beam captions from `Family.text_embeddings` of their final tokens. With
-`attention`, also each generated step's attention over the image positions (the family's own
-averaging), for word -> patch attributions (services.decoder.attribution): greedy and sampled rows
-record it as they decode, beam search keeps it with each beam like the entropies. Without it the steps
-compute exactly what they compute otherwise.
+(`logprob`, likelihood grounding's image side); with `embed_text`, also its contrastive text embedding
+(a family with the contrastive extra): greedy and sampled rows get it from their stepper, which keeps
+what it needs of a row when it leaves the batch (`Stepper.retire`), beam captions from
+`Family.text_embeddings` of their final tokens. With `attention`, also each generated step's attention
+over the image positions (the family's own averaging), for word -> patch attributions
+(services.decoder.attribution): greedy and sampled rows record it as they decode, beam search keeps it
+with each beam like the entropies. Without it the steps compute exactly what they compute otherwise.
+`score` gives teacher-forced log-probabilities of given captions (`Family.score`, batched).
 """
 
 from __future__ import annotations
@@ -90,6 +90,24 @@ def decode(
         out += [Decoded(family.decode_text(t), t, e, lp, None if embeddings is None else embeddings[i],
                         None if attended is None else attended[i])
                 for i, (t, e, lp) in enumerate(zip(tokens, entropy, logprob))]
+    return out
+
+
+def score(family: Family, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]],
+          batch_rows: int = 256) -> list[torch.Tensor]:
+    """Teacher-forced log-probabilities (`Family.score`) of each caption's tokens, then of its end token, under
+    rows [R, N, D] (caption r reads row r; mask [R, N] or None) or [1, N, D] (every caption reads that one
+    row) -> per caption a float32 tensor (see `Family.score` for its length). Captions are scored `batch_rows`
+    at a time, the shortest together."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tokens)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    for start in range(0, len(order), batch_rows):
+        batch = order[start : start + batch_rows]
+        pick = torch.tensor(batch)
+        image = rows if rows.shape[0] == 1 else rows[pick]
+        scored = family.score(image, None if mask is None else mask[pick], [tokens[i] for i in batch])
+        for i, logp in zip(batch, scored, strict=True):
+            out[i] = logp.cpu()
     return out
 
 
