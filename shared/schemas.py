@@ -62,6 +62,19 @@ class LayerCaption(BaseModel):
         None, description="cosine of the text embeddings of this caption and the deepest selected layer's (a"
                           " region's caption: the same region's at that layer)"
     )
+    # Likelihood grounding (services/decoder/pmi.py, shared/pmi.py; absent when grounding is off). Natural
+    # logs: ln p(token | prefix, this image) - ln p(token | prefix, gray null image), both at this layer.
+    pmi: list[float] | None = Field(None, description="per token of `tokens`: how much more likely the image made"
+                                                      " it than the null input (nats; > tau: supported)")
+    word_pmi: list[float] | None = Field(
+        None, description="per whitespace-separated word of `caption`: the mean of its tokens' pmi (null when"
+                          " tokens and words do not match up)"
+    )
+    image_pmi: float | None = Field(None, description="mean pmi over the tokens")
+    supported_share: float | None = Field(
+        None, description="share of the caption's content words (not function words) whose pmi exceeds tau"
+                          " (shared/pmi.py); null: no content words"
+    )
 
 
 class RegionResult(BaseModel):

@@ -36,6 +36,7 @@ from latent_verbalizer.services.categorizer.stage import make_labeler
 from latent_verbalizer.services.categorizer.worker import labels_or_reasons
 from latent_verbalizer.shared.artifacts import INTERMEDIATE
 from latent_verbalizer.shared.attributions import map_key, read_attributions
+from latent_verbalizer.shared.pmi import TAU
 from latent_verbalizer.shared.settings import Settings
 
 LAYERS = [0, 1, 2, 3]
@@ -137,8 +138,15 @@ def test_three_images_categorized(stack):
         assert_captioned(r, categorized=True)
     summary = api.get(f"/v1/jobs/{job_id}/summary").json()
     assert [layer["layer"] for layer in summary["layers"]] == LAYERS and summary["images"] == 3
-    for name, magic in [("figure.png", b"\x89PNG"), ("entropy.png", b"\x89PNG"), ("distribution.csv", b"layer,")]:
+    for name, magic in [("figure.png", b"\x89PNG"), ("entropy.png", b"\x89PNG"), ("distribution.csv", b"layer,"),
+                        ("figure_supported.png", b"\x89PNG"), ("distribution_supported.csv", b"layer,")]:
         assert api.get(f"/v1/jobs/{job_id}/{name}").content.startswith(magic)
+    # likelihood grounding (on by default): every caption's tokens and every found phrase have a PMI
+    captions = [c for r in lines for c in r["layers"]]
+    assert all(len(c["pmi"]) == len(c["tokens"]) for c in captions)
+    assert all(p["supported"] == (p["pmi"] > TAU) for c in captions for p in c["phrases"] if "pmi" in p)
+    assert "supported" in summary and all("supported_share" in layer for layer in summary["layers"])
+    assert api.get(f"/v1/jobs/{job_id}").json()["links"]["figure_supported"].endswith("/figure_supported.png")
     metrics = api.get("/metrics").text
     assert 'lv_jobs_ended_total{status="succeeded"}' in metrics
     assert 'lv_chunk_seconds_count{stage="categorize"}' in metrics

@@ -32,6 +32,7 @@ from latent_verbalizer.services.categorizer.files import (
     read_phrases,
     write_labels,
 )
+from latent_verbalizer.services.categorizer.models import grounded_layers
 from latent_verbalizer.services.categorizer.reference import read_reference_labels
 from latent_verbalizer.services.categorizer.report import write_report
 from latent_verbalizer.services.categorizer.stage import categorize_layers, categorize_phrases, make_labeler
@@ -93,7 +94,7 @@ def _run_categorize(args: argparse.Namespace) -> int:
         failed = sum(not x for x in labels)
         log.info("phrases labelled", extra={"phrases": len(labels), "failed": failed, "out": str(args.out)})
         return _all_failed(failed, len(labels), "phrase", "see the warnings above")
-    labels = categorize_layers(source.captions, labeler)
+    labels = grounded_layers(categorize_layers(source.captions, labeler), source.word_pmi)
     flat = [c for layer in labels.values() for c in layer]
     write_labels(args.out, labels, source.ids, source.entropies)
     errors = Counter(c.error for c in flat if c.error is not None)

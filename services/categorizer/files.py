@@ -3,7 +3,8 @@ the results.jsonl that `verbalize` writes; labels go out as {"layer_0": [{"id"?,
 "error"?, "mean_entropy"?}], ...}, in image order (images without captions left out). `id` (the
 image's id) and `mean_entropy` are there when the input had them (results.jsonl); with captions.json
 the i-th entry of every layer is the i-th image. A file that cannot be used raises BadFile, naming
-the file and what is wrong with it."""
+the file and what is wrong with it. From a results.jsonl with likelihood grounding, each caption's words'
+PMIs come along (`word_pmi`), for the labels' phrases (models.grounded_layers)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ _NAMES = {str: "strings (captions)", dict: "objects (labelled captions)", (int, 
 
 Captions = dict[int, list[str]]
 Entropies = dict[int, list[float]]
+WordPMI = dict[int, list[list[float] | None]]
 
 
 class BadFile(ValueError):
@@ -32,11 +34,12 @@ class BadFile(ValueError):
 
 @dataclass
 class CaptionFile:
-    """Captions per layer; from results.jsonl also each caption's image id and mean entropy."""
+    """Captions per layer; from results.jsonl also each caption's image id, mean entropy and words' PMIs."""
 
     captions: Captions
     ids: dict[int, list[str]] | None = None
     entropies: Entropies | None = None
+    word_pmi: WordPMI | None = None
 
 
 def load_layered(path: Path, item: type = object) -> dict[int, list]:
@@ -64,7 +67,7 @@ def read_captions(path: Path) -> CaptionFile:
 
 
 def _read_results(path: Path) -> CaptionFile:
-    found = CaptionFile({}, {}, {})
+    found = CaptionFile({}, {}, {}, {})
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -76,9 +79,10 @@ def _read_results(path: Path) -> CaptionFile:
             found.captions.setdefault(layer.layer, []).append(layer.caption)
             found.ids.setdefault(layer.layer, []).append(result.id)
             found.entropies.setdefault(layer.layer, []).append(layer.mean_entropy)
+            found.word_pmi.setdefault(layer.layer, []).append(layer.word_pmi)
     if not found.captions:
         raise BadFile(f"{path}: no captions (no line with layers)")
-    return CaptionFile(*(dict(sorted(d.items())) for d in (found.captions, found.ids, found.entropies)))
+    return CaptionFile(*(dict(sorted(d.items())) for d in (found.captions, found.ids, found.entropies, found.word_pmi)))
 
 
 def read_entropies(path: Path) -> Entropies:

@@ -8,7 +8,9 @@ Per caption, for every family:
                          selected layer); 1.0 at that layer
 and where the family has a contrastive head (CoCa's own towers score how well a text describes an image):
   image_score            cos(text embedding of the caption, image embedding of its image)
-and, once every image of a run or job is known, `retrieval_rank` among a gallery of its images. Text
+and, once every image of a run or job is known, `retrieval_rank` among a gallery of its images; and, for
+every family, the likelihood grounding of every token, word and caption against the same gray image
+(`pmi`, `word_pmi`, `image_pmi`, `supported_share`: services.decoder.pmi). Text
 embeddings are the family's contrastive ones (CoCa: `model.encode_text` of the generated ids,
 services.decoder.text_embedding; image embeddings `model.encode_image`); a family without that head
 leaves image_score and retrieval_rank null and takes last_layer_similarity between MiniLM sentence
@@ -31,15 +33,23 @@ import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_verbalizer.services.decoder import null_cache
+from latent_verbalizer.services.decoder import null_cache, pmi
 from latent_verbalizer.services.decoder.null_cache import NullCaption
-from latent_verbalizer.services.decoder.stage import decode, layer_captions, layer_masks, layer_rows, row_keys
+from latent_verbalizer.services.decoder.stage import (
+    decode,
+    layer_captions,
+    layer_masks,
+    layer_rows,
+    row_keys,
+    score,
+)
 from latent_verbalizer.services.families import Family
 from latent_verbalizer.shared.artifacts import ArtifactStore, write_atomic
 from latent_verbalizer.shared.jobs import JobRecord
@@ -75,7 +85,7 @@ def caption_grounded(
 ) -> Grounded:
     """latents [L, n, N, D], image embeddings [n, E] (None without a contrastive head) and the null image's
     latents [L, 1, N, D] from `encode_batch` -> per image its caption at every layer with its grounding
-    measures; `attention`: with each caption's attention (services.decoder.stage.decode); masks [n, N]:
+    measures, PMI included; `attention`: with each caption's attention (services.decoder.stage.decode); masks [n, N]:
     the positions each image row reads (regions)."""
     L, n = latents.shape[:2]
     contrastive = family.has("contrastive")
@@ -99,6 +109,8 @@ def caption_grounded(
         null_cache.write(entry, family.name, layers, null)
     kept[key] = null
     captions = layer_captions(decoded[: n * L], layers, n)
+    null_logprobs = pmi.null_logprobs(partial(score, family, batch_rows=batch_rows), null_latents[:, 0],
+                                      list(range(L)) * n, [d.tokens for d in decoded[: n * L]])
     if contrastive:
         text = F.normalize(torch.stack([d.text_embedding for d in decoded[: n * L]]), dim=-1).view(n, L, -1)
         image = F.normalize(image_embeddings.float().to(text.device), dim=-1)  # [n, E]
@@ -113,6 +125,8 @@ def caption_grounded(
             c.prior = c.caption == null[j].text
             c.prior_overlap = token_f1(c.tokens, null[j].tokens)
             c.last_layer_similarity = float(to_last[i, j])
+            d = decoded[i * L + j]
+            pmi.annotate(c, d.logprob, null_logprobs[i * L + j], family.token_texts(d.tokens))
     return Grounded(captions, text if contrastive else None, image,
                     {f"layer_{layer}": d.text for layer, d in zip(layers, null)},
                     [d.cross_attention for d in decoded[: n * L]] if attention else None)

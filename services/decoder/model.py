@@ -103,13 +103,22 @@ def _cross_attention(
 
 
 def _cross_attention_all(block: Block, image: _ImageAttention, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """`_cross_attention` for every position at once: x [B, S, D], keys [B, N, D] -> [B, S, D]."""
-    q = heads(block.attn_in(block.ln_1(x)), block.heads)  # [B, H, S, Dh]
-    q = torch.einsum("bhsd,hde->bhse", q, image.w_k)  # [B, H, S, D]
-    p = torch.softmax(q @ keys[:, None].transpose(2, 3), dim=-1)  # [B, H, S, N]
-    mixed = p @ keys[:, None]  # [B, H, S, D]
-    attended = torch.einsum("bhsd,hde->bhse", mixed, image.w_v) + image.b_v  # [B, H, S, Dh]
-    return block.attention_out(x, attended)
+    """`_cross_attention` for every position at once: x [B, S, D] attends to keys [B, N, D] (row b to
+    keys[b]), or, with keys [1, N, D], every row to the same image -> [B, S, D]."""
+    B, S, _ = x.shape
+    H = block.heads
+    q = block.attn_in(block.ln_1(x)).view(B * S, H, -1).transpose(0, 1)  # [H, B*S, Dh]
+    if keys.shape[0] == 1:  # one image for all rows: its keys and values per head once, [H, N, Dh] each
+        k = torch.einsum("nd,hed->hne", keys[0], image.w_k)
+        v = torch.baddbmm(image.b_v, keys[0].expand(H, -1, -1), image.w_v)
+        p = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)  # [H, B*S, N]
+        attended = torch.bmm(p, v)  # [H, B*S, Dh]
+    else:  # the fold of `_ImageAttention`: no keys or values per row
+        q = torch.bmm(q, image.w_k).view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, D]
+        p = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # [B, H*S, N]
+        mixed = torch.bmm(p, keys).view(B, H, S, -1).transpose(0, 1).reshape(H, B * S, -1)  # [H, B*S, D]
+        attended = torch.baddbmm(image.b_v, mixed, image.w_v)  # [H, B*S, Dh]
+    return block.attention_out(x, attended.view(H, B, S, -1).transpose(0, 1))  # attended as [B, H, S, Dh]
 
 
 class TextDecoder:
@@ -182,9 +191,11 @@ class TextDecoder:
     @torch.inference_mode()
     def score(self, image_tokens: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor | None = None,
               chunk: int = 1024) -> torch.Tensor:
-        """Teacher forcing: image_tokens [B, N, D], ids [B, S] (start token, caption, end token, anything
-        after) -> logp [B, S-1] float32, logp[b, t] = log p(ids[b, t+1] | ids[b, :t+1], image) (natural
-        log, the log-softmax of the raw logits, as `step` computes them one position at a time). With
+        """Teacher forcing: image_tokens [B, N, D] (or [1, N, D]: one image read by every row, whose
+        cross-attention keys and values are then projected once, not folded per row), ids [B, S] (start
+        token, caption, end token, anything after) -> logp [B, S-1] float32, logp[b, t] = log p(ids[b, t+1]
+        | ids[b, :t+1], image) (natural log, the log-softmax of the raw logits, as `step` computes them one
+        position at a time). With
         `lengths` [B], only positions t < lengths[b] are read out (the others hold 0): a row's tokens past
         its end cost the two stacks (causal: they cannot change earlier positions) but not the vocabulary.
         The vocabulary is read for `chunk` positions at a time ([chunk, V] float32 at once)."""

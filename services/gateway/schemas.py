@@ -65,6 +65,9 @@ class Links(BaseModel):
     figure: str
     entropy: str
     distribution: str
+    figure_supported: str = Field(description="figure_supported.png, the classes of the phrases the image supports"
+                                              " (likelihood grounding; 404 without categorize or grounding)")
+    distribution_supported: str = Field(description="distribution_supported.csv, the same as numbers")
     grounding: str = Field(description="grounding.png, the grounding curves per layer (404 when grounding was off)")
     captions: str = Field(description="captions.csv, every caption one row each (image or region, layer, grounding)")
     regions: str = Field(description="regions.csv, the region captions one row each (404 when the job had no regions)")
@@ -75,7 +78,9 @@ class Links(BaseModel):
         base = f"/v1/jobs/{job_id}"
         return cls(self=base, results=f"{base}/results", summary=f"{base}/summary", figure=f"{base}/figure.png",
                    entropy=f"{base}/entropy.png", distribution=f"{base}/distribution.csv",
-                   grounding=f"{base}/grounding.png", captions=f"{base}/captions.csv", regions=f"{base}/regions.csv",
+                   figure_supported=f"{base}/figure_supported.png",
+                   distribution_supported=f"{base}/distribution_supported.csv", grounding=f"{base}/grounding.png",
+                   captions=f"{base}/captions.csv", regions=f"{base}/regions.csv",
                    viewer=f"/#job/{job_id}")
 
 

@@ -76,6 +76,8 @@ OUTPUTS = {  # output file -> (media type, the option without which a job has no
     "figure.png": ("image/png", "categorize"),
     "entropy.png": ("image/png", None),
     "distribution.csv": ("text/csv", "categorize"),
+    "figure_supported.png": ("image/png", "categorize"),  # likelihood grounding's: 404 also when grounding was off
+    "distribution_supported.csv": ("text/csv", "categorize"),
     "grounding.png": ("image/png", "grounding"),
     "grounding.csv": ("text/csv", "grounding"),
     "regions.csv": ("text/csv", "regions"),
@@ -217,6 +219,19 @@ def get_entropy(request: Request, job: Job) -> FileResponse:
             response_class=FileResponse, responses=_file_doc("distribution.csv"))
 def get_distribution(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "distribution.csv")
+
+
+@router.get("/jobs/{job_id}/figure_supported.png", summary="Stacked-area figure of the classes the image supports",
+            response_class=FileResponse, responses=_file_doc("figure_supported.png"))
+def get_figure_supported(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "figure_supported.png")
+
+
+@router.get("/jobs/{job_id}/distribution_supported.csv",
+            summary="Mean percentage of class per layer, of the phrases the image supports (PMI > tau)",
+            response_class=FileResponse, responses=_file_doc("distribution_supported.csv"))
+def get_distribution_supported(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "distribution_supported.csv")
 
 
 @router.get("/jobs/{job_id}/grounding.png", summary="Grounding curves per layer (image score, R@1, prior share)",
