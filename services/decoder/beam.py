@@ -85,6 +85,8 @@ def search(
                     next_tokens.append(t)
                     next_scores.append(s)
                     kept += 1
+            if last:  # every beam of this caption ended in its last slot: none runs on
+                continue
             while kept < K:  # fewer live continuations than beams: pad with dead beams
                 next_rows.append(i * K)
                 next_tokens.append(family.pad_id)
