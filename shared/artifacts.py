@@ -34,8 +34,8 @@ from latent_verbalizer.shared.images import ImageItem
 if TYPE_CHECKING:  # torch is imported only by the workers that handle tensors
     import torch
 
-INTERMEDIATE = ("uploads", "inputs", "latents", "image_embeddings", "region_latents", "pool_attention", "grounding",
-                "captions", "labels")
+INTERMEDIATE = ("uploads", "inputs", "latents", "image_embeddings", "region_latents", "region_mask", "pool_attention",
+                "null_latents", "grounding", "captions", "labels")
 
 
 class ArtifactStore:

@@ -32,7 +32,7 @@ from latent_verbalizer.services.cli.outputs import OutputError, check_out, stage
 from latent_verbalizer.services.cli.verbalize import write_run
 from latent_verbalizer.services.demo.evaluate import layer_shares
 from latent_verbalizer.services.demo.synth import MANIFEST, Scene, read_manifest, write_dataset
-from latent_verbalizer.services.families import Family
+from latent_verbalizer.services.families import Family, FamilyError
 from latent_verbalizer.shared.grounding import grounding_outputs, read_references, read_results
 from latent_verbalizer.shared.images import ImageItem, iter_items
 from latent_verbalizer.shared.models import ModelError
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_out(args.out, args.overwrite)
         lm = model_from_args(args)
-    except (ModelError, OutputError) as e:
+    except (ModelError, FamilyError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The run is written beside --out and replaces it only when complete (services.cli.outputs).
