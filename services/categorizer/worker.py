@@ -1,5 +1,5 @@
 """RQ task of the categorizer stage: a chunk's captions -> the same result lines with every caption's
-labelled phrases. A labeler is built once per backend per process and kept.
+labelled phrases (the regions' captions too). A labeler is built once per backend per process and kept.
 
 Labelling never costs a job its captions: a caption whose labelling failed keeps its caption and
 entropies with `label_error`, and when the labeler fails as a whole (e.g. the LLM server unreachable
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from latent_verbalizer.services.categorizer.models import CaptionLabels, LabeledCaption, LabeledResult
+from latent_verbalizer.services.categorizer.models import CaptionLabels, captions_in_order, labeled_result
 from latent_verbalizer.services.categorizer.stage import Backend, Labeler, categorize, make_labeler
 from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, run_chunk
 from latent_verbalizer.shared.jobs import JobRecord
@@ -34,21 +34,10 @@ def categorize_chunk(job_id: str, chunk: int) -> None:
 
 def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     results = [ImageResult.model_validate_json(line) for line in ctx.store.read_lines(job.id, "captions", chunk)]
-    captions = [c.caption for r in results for c in r.layers or []]
+    captions = [c for r in results for c in captions_in_order(r)]  # the images' and their regions' captions
     backend = job.options.backend or ctx.settings.categorizer_backend
     labels = iter(labels_or_reasons(captions, backend, extra={"job": job.id, "chunk": chunk}))
-    labeled = [
-        LabeledResult(
-            **r.model_dump(exclude={"layers"}),
-            layers=None
-            if r.layers is None
-            else [
-                LabeledCaption(**c.model_dump(), phrases=(cl := next(labels)).phrases, label_error=cl.error)
-                for c in r.layers
-            ],
-        )
-        for r in results
-    ]
+    labeled = [labeled_result(r, labels) for r in results]
     ctx.store.write_lines(job.id, "labels", chunk, (r.model_dump_json(exclude_none=True) for r in labeled))
     return ChunkOutcome(images=len(results))
 

@@ -8,8 +8,8 @@ import re
 
 from pydantic import ValidationError
 
-from latent_verbalizer.shared.models import LoadedModel, config_layers, load_model
-from latent_verbalizer.shared.pretrained import DEMO_NOTE, NO_WEIGHTS, RULE, resolve_pretrained
+from latent_verbalizer.shared.models import DEVICES, LoadedModel, config_layers, load_model
+from latent_verbalizer.shared.pretrained import DEMO_NOTE, RULE, resolve_pretrained, weights_name
 from latent_verbalizer.shared.schemas import DecodeParams
 from latent_verbalizer.shared.settings import get_settings
 
@@ -20,17 +20,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=s.model,
-                   help=f"open_clip CoCa architecture (default {s.model}: {DEMO_NOTE})")
+                   help=f"open_clip CoCa architecture, hf-hub:ORG/REPO or local-dir:FOLDER (default {s.model}:"
+                        f" {DEMO_NOTE})")
     g.add_argument("--pretrained", default=s.pretrained,
                    help="open_clip tag, project tag or checkpoint file; 'none' for random weights"
                         f" ({'default ' + s.pretrained if s.pretrained else RULE})")
-    g.add_argument("--device", default=s.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    g.add_argument("--device", default=s.device,
+                   help=f"{DEVICES} (default %(default)s; auto: the GPU where there is one, else the CPU)")
     g.add_argument("--dtype", default=s.dtype, choices=["fp32", "bf16", "fp16"])
 
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:
     pretrained = resolve_pretrained(args.model, args.pretrained)
-    log.info("weights", extra={"model": args.model, "pretrained": pretrained or NO_WEIGHTS,
+    log.info("weights", extra={"model": args.model, "pretrained": weights_name(args.model, pretrained),
                                "chosen": "given" if args.pretrained is not None else "the model's default"})
     return load_model(args.model, pretrained, args.device, args.dtype, cache_dir=get_settings().model_cache)
 
@@ -67,25 +69,22 @@ def decode_params_from_args(args: argparse.Namespace) -> DecodeParams:
 
 
 # One layer-list syntax and its messages, the viewer's (services/gateway/static/form.js, parseLayers).
-_RANGE = re.compile(r"^(-?\d+)\s*(?:-|–|\.\.)\s*(-?\d+)$")
+_RANGE = re.compile(r"^(-?[0-9]+)\s*(?:-|–|\.\.)\s*(-?[0-9]+)$")
 
 
 def parse_layers(text: str | None, n: int | None = None) -> list[int] | None:
-    """'0-3, 8, -1' -> [0, 1, 2, 3, 8, -1]; None / 'all' -> None (every layer). With `n`, the model's
-    number of layers, every layer must exist and none repeat. ValueError with the viewer's message."""
-    if text is None or text.strip().lower() == "all":
+    """'0-3, 8, -1' -> [0, 1, 2, 3, 8, -1]; None, blank or 'all' -> None (every layer). With `n`, the
+    model's number of layers, every layer must exist and none repeat. ValueError with the viewer's message."""
+    if text is None or not text.strip() or text.strip().lower() == "all":
         return None
-    tokens = [t for t in re.split(r"[\s,;]+", text.strip()) if t]
-    if not tokens:
-        raise ValueError("No layers given: layer numbers and ranges (0-2, -1) or all.")
     layers: list[int] = []
-    for token in tokens:
+    for token in (t for t in re.split(r"[\s,;]+", text.strip()) if t):
         if m := _RANGE.match(token):
             a, b = int(m[1]), int(m[2])
             if b < a:
                 raise ValueError(f"Range {token} goes backwards.")
             layers += range(a, b + 1)
-        elif re.fullmatch(r"-?\d+", token):
+        elif re.fullmatch(r"-?[0-9]+", token):
             layers.append(int(token))
         else:
             raise ValueError(f"“{token}” is not a layer number or range.")
@@ -99,6 +98,8 @@ def parse_layers(text: str | None, n: int | None = None) -> list[int] | None:
 
 def layers_from_args(args: argparse.Namespace) -> list[int] | None:
     """--layers, checked against the model's depth where its config tells it (before the model loads)."""
+    if args.layers is not None and not args.layers.strip():
+        raise ValueError("--layers is empty: give layer numbers and ranges (0-2, -1), or leave it out for all")
     try:
         return parse_layers(args.layers, config_layers(args.model))
     except ValueError as e:

@@ -76,7 +76,8 @@ def _write_demo(lm: LoadedModel, args: argparse.Namespace, out: Path
     images = out / "images"
     manifest = write_dataset(images, args.n, args.seed)
     truth = {Path(m["file"]).stem: Scene.from_dict(m) for m in read_manifest(manifest)}
-    write_run(lm, _relocated(iter_items([images]), out, args.out), out)
+    scenes = sorted(images.glob("*.png"))  # the files, not the folder: its manifest is no image to skip
+    write_run(lm, _relocated(iter_items(scenes), out, args.out), out)
     results = read_results(out / "results.jsonl")
 
     captioned = [r for r in results if r.layers]
