@@ -35,7 +35,7 @@ from latent_verbalizer.services.categorizer.files import (
     write_labeled_results,
     write_labels,
 )
-from latent_verbalizer.services.categorizer.models import CaptionLabels, captions_in_order, labeled_result
+from latent_verbalizer.services.categorizer.models import CaptionLabels, captions_in_order, with_labels
 from latent_verbalizer.services.categorizer.reference import read_reference_labels
 from latent_verbalizer.services.categorizer.report import write_report
 from latent_verbalizer.services.categorizer.stage import categorize, categorize_layers, categorize_phrases, make_labeler
@@ -112,9 +112,8 @@ def _run_categorize(args: argparse.Namespace) -> int:
 
     if isinstance(source, list):  # results.jsonl: images' and (unless --no-regions) regions' captions, one pass
         results = source if args.regions else [r.model_copy(update={"regions": None}) for r in source]
-        flat = categorize([c for r in results for c in captions_in_order(r)], labeler, follow)
-        in_order = iter(flat)
-        write_labeled_results(args.out, [labeled_result(r, in_order) for r in results])
+        flat = categorize(captions_in_order(results), labeler, follow)
+        write_labeled_results(args.out, with_labels(results, flat))
     else:
         labels = categorize_layers(source.captions, labeler, follow)
         write_labels(args.out, labels)

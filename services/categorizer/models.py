@@ -4,7 +4,7 @@ categorized job (an image's captions per layer with their labels)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 from pydantic import BaseModel, Field
 
@@ -52,18 +52,35 @@ class LabeledResult(ImageResult):
     regions: list[LabeledRegionResult] | None = None
 
 
-def labeled_result(result: ImageResult, labels: Iterator[CaptionLabels]) -> LabeledResult:
-    """`result` with labels taken from `labels` in caption order: its layers', then each region's."""
+def captions_in_order(results: list[ImageResult]) -> list[str]:
+    """The captions `with_labels` labels, in its order: each image's layers', then its regions'."""
+    captions: list[str] = []
+    for r in results:
+        captions += [c.caption for c in r.layers or []]
+        captions += [c.caption for g in r.regions or [] for c in g.layers]
+    return captions
+
+
+def with_labels(results: list[ImageResult], labels: Iterable[CaptionLabels]) -> list[LabeledResult]:
+    """The result lines with their captions' labels (`labels`: one per caption, in `captions_in_order`)."""
+    it = iter(labels)
+
     def labeled(captions: list[LayerCaption]) -> list[LabeledCaption]:
-        return [LabeledCaption(**c.model_dump(), phrases=(cl := next(labels)).phrases, label_error=cl.error)
+        return [LabeledCaption(**c.model_dump(), phrases=(cl := next(it)).phrases, label_error=cl.error)
                 for c in captions]
 
-    layers = None if result.layers is None else labeled(result.layers)
-    regions = None if result.regions is None else [
-        LabeledRegionResult(**r.model_dump(exclude={"layers"}), layers=labeled(r.layers)) for r in result.regions]
-    return LabeledResult(**result.model_dump(exclude={"layers", "regions"}), layers=layers, regions=regions)
+    return [
+        LabeledResult(
+            **r.model_dump(exclude={"layers", "regions"}),
+            layers=None if r.layers is None else labeled(r.layers),
+            regions=None if r.regions is None else [
+                LabeledRegionResult(**g.model_dump(exclude={"layers"}), layers=labeled(g.layers)) for g in r.regions
+            ],
+        )
+        for r in results
+    ]
 
 
-def captions_in_order(result: ImageResult) -> list[str]:
-    """The captions `labeled_result` labels, in its order: the image's layers', then each region's."""
-    return [c.caption for c in result.layers or []] + [c.caption for r in result.regions or [] for c in r.layers]
+def unlabeled(results: list[ImageResult], reason: str) -> list[LabeledResult]:
+    """The result lines with every caption kept, unlabelled for `reason`."""
+    return with_labels(results, (CaptionLabels(caption=c, error=reason) for c in captions_in_order(results)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from latent_verbalizer.services.categorizer.models import CaptionLabels, captions_in_order, labeled_result
+from latent_verbalizer.services.categorizer.models import CaptionLabels, captions_in_order, with_labels
 from latent_verbalizer.services.categorizer.stage import Backend, Labeler, categorize, make_labeler
 from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, run_chunk
 from latent_verbalizer.shared.jobs import JobRecord
@@ -34,11 +34,11 @@ def categorize_chunk(job_id: str, chunk: int) -> None:
 
 def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     results = [ImageResult.model_validate_json(line) for line in ctx.store.read_lines(job.id, "captions", chunk)]
-    captions = [c for r in results for c in captions_in_order(r)]  # the images' and their regions' captions
+    captions = captions_in_order(results)  # the images' and their regions' captions
     backend = job.options.backend or ctx.settings.categorizer_backend
-    labels = iter(labels_or_reasons(captions, backend, extra={"job": job.id, "chunk": chunk}))
-    labeled = [labeled_result(r, labels) for r in results]
-    ctx.store.write_lines(job.id, "labels", chunk, (r.model_dump_json(exclude_none=True) for r in labeled))
+    labels = labels_or_reasons(captions, backend, extra={"job": job.id, "chunk": chunk})
+    lines = (r.model_dump_json(exclude_none=True) for r in with_labels(results, labels))
+    ctx.store.write_lines(job.id, "labels", chunk, lines)
     return ChunkOutcome(images=len(results))
 
 
