@@ -72,15 +72,6 @@ class LoadedModel:
         return self.model.text.context_length
 
 
-def config_layers(name: str) -> int | None:
-    """The vision tower's number of blocks from the model's config (before loading it); None when the
-    name is not a known config."""
-    if _schema(name):  # its config is in the hub repository or folder: known once the model loads
-        return None
-    layers = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("layers")
-    return layers if isinstance(layers, int) else None
-
-
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
