@@ -12,7 +12,7 @@ from service_stack import TINY, image_bytes
 from latent_verbalizer.services.cli import main
 
 
-def test_region_captions_are_labelled_and_each_region_is_charted(tmp_path):
+def test_region_captions_are_labelled_and_each_region_is_charted(tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(2):
@@ -23,7 +23,10 @@ def test_region_captions_are_labelled_and_each_region_is_charted(tmp_path):
     results = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
 
     labels_path = tmp_path / "labels.json"
+    capsys.readouterr()
     assert main(["categorize", str(run / "results.jsonl"), "--backend", "embedded", "--out", str(labels_path)]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if "categorize: progress" in line]
+    assert progress and "captions_per_s=" in progress[0] and "phrases_per_s=" in progress[0]  # not a terminal: logs
     labels = json.loads(labels_path.read_text())
     assert sorted(labels) == ["layer_0", "layer_3"]
     for layer in (0, 3):

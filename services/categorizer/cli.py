@@ -105,7 +105,7 @@ def _run_categorize(args: argparse.Namespace) -> int:
         failed = sum(not x for x in labels)
         log.info("phrases labelled", extra={"phrases": len(labels), "failed": failed, "out": str(args.out)})
         return _all_failed(failed, len(labels), "phrase", "see the warnings above")
-    progress = Progress(log, "categorize", "captions", "phrases")
+    progress = Progress(logging.getLogger("categorize"), "categorize", "captions", "phrases")
 
     def follow(chunk: list[CaptionLabels]) -> None:
         progress.update(len(chunk), sum(len(c.phrases) for c in chunk))

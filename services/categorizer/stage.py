@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Literal, Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, Protocol
 
 from latent_verbalizer.services.categorizer.models import CaptionLabels
 from latent_verbalizer.shared.settings import Settings, get_settings
 
 Backend = Literal["embedded", "openai"]
-K = TypeVar("K", bound=Hashable)
 
 
 class Labeler(Protocol):
@@ -46,11 +45,10 @@ def categorize(captions: Sequence[str], labeler: Labeler,
     return [by_caption[c] for c in captions]
 
 
-def categorize_layers(captions: Mapping[K, Sequence[str]], labeler: Labeler,
-                      progress: Callable[[list[CaptionLabels]], None] | None = None) -> dict[K, list[CaptionLabels]]:
+def categorize_layers(captions: Mapping[int, Sequence[str]], labeler: Labeler,
+                      progress: Callable[[list[CaptionLabels]], None] | None = None) -> dict[int, list[CaptionLabels]]:
     """Label every layer's captions in one call: identical captions (frequent in early layers) across
-    layers are labelled once. layer -> captions  ->  layer -> their labels, in order (any key will do:
-    the CLI labels (region, layer) groups)."""
+    layers are labelled once. layer -> captions  ->  layer -> their labels, in order."""
     flat = categorize([c for layer in captions.values() for c in layer], labeler, progress)
     labels, start = {}, 0
     for layer, layer_captions in captions.items():
