@@ -2,14 +2,16 @@
 (rows = images x layers, finished rows leave) vs a loop of the model's own generate per image and layer.
 
 Both sides get the same model (--model: a local save_pretrained directory or a hub id; default: a small random
-LLaVA built here), the same images (--images DIR, else seeded random pictures), greedy decoding with at most
---seq-len - 1 new tokens, and both include the image encoding. Ours goes through the family interface only
-(load_family, encode, the decoding loop); the reference is the family's own generate path (REFERENCE).
+model of --family built here, LLaVA unless --family blip), the same images (--images DIR, else seeded random
+pictures), greedy decoding with at most --seq-len - 1 new tokens, and both include the image encoding. Ours goes
+through the family interface only (load_family, encode, the decoding loop); the reference is the family's own
+generate path (REFERENCE).
 Ours is timed (median of --repeats after a warm-up), the generate loop once after a warm-up call.
 Prints ours_captions_per_s, generate_captions_per_s, speedup, tokens_identical (every row's tokens equal its
 reference's, end token and what follows removed), rows, peak_rss_mb (the process, both sides), device.
 
     python bench/family_bench.py --json
+    python bench/family_bench.py --family blip --json
     python bench/family_bench.py --model DIR --images DIR --seq-len 9 --json
 """
 
@@ -29,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, device_name, report, timed  # noqa: E402
 from latent_verbalizer.services.decoder.stage import decode_layers  # noqa: E402
-from latent_verbalizer.services.families import llava, load_family  # noqa: E402
+from latent_verbalizer.services.families import blip, llava, load_family  # noqa: E402
 from latent_verbalizer.shared.schemas import DecodeParams  # noqa: E402
 
 # family -> its model's own generate path: (family, image, layer, max_new_tokens) -> token ids without the end
-REFERENCE = {"llava": llava.reference_tokens}
+REFERENCE = {"llava": llava.reference_tokens, "blip": blip.reference_tokens}
 
 
 def small_llava(path: Path) -> str:
@@ -41,6 +43,16 @@ def small_llava(path: Path) -> str:
     from tests.tiny_families import tiny_llava
 
     return str(tiny_llava(path, layers=6, width=128, image_size=64, patch=8, text_layers=4))
+
+
+def small_blip(path: Path) -> str:
+    """--family blip's default: a small random BLIP (vision 6 x 128 wide, 8 x 8 patches; text decoder 4 x 128)."""
+    from tests.tiny_families import tiny_blip
+
+    return str(tiny_blip(path, layers=6, width=128, image_size=64, patch=8, text_layers=4))
+
+
+SMALL = {"llava": small_llava, "blip": small_blip}
 
 
 def pictures(folder: str | None, n: int) -> list[Image.Image]:
@@ -53,7 +65,7 @@ def pictures(folder: str | None, n: int) -> list[Image.Image]:
 
 def main() -> None:
     p = base_parser(__doc__)
-    p.add_argument("--model", default=None, help="save_pretrained directory or hub id (default: a small LLaVA)")
+    p.add_argument("--model", default=None, help="save_pretrained dir or hub id (default: a small --family model)")
     p.add_argument("--family", default=None, help="force the family (default: from the model's config)")
     p.add_argument("--prompt", default=None, help="the family's prompt / text prefix (default: its own)")
     p.add_argument("--images", default=None, help="a folder of images (default: seeded random pictures)")
@@ -66,7 +78,7 @@ def main() -> None:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or small_llava(Path(tmp) / "small_llava")
+        model = args.model or SMALL[args.family or "llava"](Path(tmp) / "small")
         family = load_family(model, device=args.device, dtype=args.dtype, family=args.family, prompt=args.prompt)
         images = pictures(args.images, args.n)
         pixels = torch.stack([family.preprocess(im) for im in images])
@@ -93,7 +105,7 @@ def main() -> None:
     same = sum(a == b for a, b in zip(ours_tokens, their_tokens))
     report({
         "family": family.family,
-        "model": args.model or "small random LLaVA (bench/family_bench.py)",
+        "model": args.model or f"small random {family.family} (bench/family_bench.py)",
         "images": len(images),
         "layers": len(layers),
         "rows": rows,

@@ -63,14 +63,14 @@ def verbalize(
     grounding measures and the run's embeddings are added to it (for the ranks). With `attributions_dir`,
     each image's word -> patch maps are written there as <id>.safetensors (shared.attributions). With
     `regions` (shared.regions.parse_regions), every region of every image is captioned at every layer too;
-    an image where a region covers no patch fails with that region's message."""
+    a region that covers no patch of an image fails on that image alone (its `error` in the region's entry)."""
     layers = resolve_layers(layers, family.num_layers)
     regions = regions or []
     if attributions_dir is not None:
         family.require("attributions")
     for batch in _batches(items, batch_size):
         pixels, good, errors = load_pixels(family, batch, max_pixels)
-        pixels, good, located = place(family, pixels, good, regions, errors)  # a region covering no patch: an error
+        located = place(family, good, regions)  # a region covering no patch of an image: that region's error
         results = {}
         if pixels is not None:
             ids = [i.id for i in good]
@@ -97,7 +97,8 @@ def _result(item: ImageItem, located: Located, captions: list[LayerCaption], reg
     return ImageResult(
         id=item.id, source=item.source, meta=item.meta, layers=captions, size=list(located.size),
         input_box=list(located.input_box),
-        regions=region_results(regions, located.boxes, located.patches, region_captions) if regions else None,
+        regions=region_results(regions, located.boxes, located.patches, located.errors, region_captions)
+        if regions else None,
     )
 
 

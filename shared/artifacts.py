@@ -110,6 +110,13 @@ class ArtifactStore:
         write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"),
                      save(tensors, metadata={"info": json.dumps(info)}))
 
+    def write_no_tensors(self, job_id: str, kind: str, chunk: int, info: dict) -> None:
+        """The file `write_tensors` writes for a chunk none of whose images has such tensors: the info alone
+        (no torch needed: the gateway writes it for a chunk it gives up on)."""
+        from safetensors.numpy import save
+
+        write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"), save({}, metadata={"info": json.dumps(info)}))
+
     def read_tensors(self, job_id: str, kind: str, chunk: int) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import safe_open
 
@@ -126,14 +133,19 @@ class ArtifactStore:
 
     # --- job outputs ---
 
-    def write_results(self, job_id: str, kind: str, chunks: int) -> Path:
-        """results.jsonl: the chunks' lines of one kind, in chunk order."""
+    def write_results(self, job_id: str, parts: Iterable[tuple[str, int]], missing_ok: bool = False) -> Path:
+        """results.jsonl: the lines of each (kind, chunk) part, in order (`missing_ok`: skip a part with no file)."""
         path = self.output(job_id, "results.jsonl")
         tmp = _tmp(path)
         with tmp.open("wb") as out:
-            for chunk in range(chunks):
-                with self._chunk(job_id, kind, chunk, ".jsonl").open("rb") as f:
-                    shutil.copyfileobj(f, out)
+            for kind, chunk in parts:
+                try:
+                    with self._chunk(job_id, kind, chunk, ".jsonl").open("rb") as f:
+                        shutil.copyfileobj(f, out)
+                except FileNotFoundError:
+                    if not missing_ok:
+                        tmp.unlink()
+                        raise
         os.replace(tmp, path)
         return path
 

@@ -72,7 +72,9 @@ class RegionResult(BaseModel):
     box: list[float] = Field(min_length=4, max_length=4, description="x0, y0, x1, y1 in the image's pixels,"
                                                                      " clipped to the image")
     patches: int = Field(description="patches of the model's input the region's pooler queries read")
-    layers: list[LayerCaption]
+    layers: list[LayerCaption] = Field(description="its captions per layer; empty when it failed on this image")
+    error: str | None = Field(None, description="why the region has no captions on this image (it covers no"
+                                                " patch of the model's input); the image's own captions stand")
 
 
 class ImageResult(BaseModel):

@@ -53,6 +53,16 @@ def test_boxes_in_pixels_and_fractions():
     assert [r.label for r in regions] == ["r0", "cup", "r2"] and all(r.include_cls for r in regions)
 
 
+def test_a_region_object_without_units_follows_the_text_rule():
+    for box in ({"x0": 0, "y0": 0, "x1": 0.5, "y1": 1}, {"x0": 10, "y0": 20, "x1": 30, "y1": 40}):
+        (as_object,) = parse_regions([box])
+        (as_text,) = parse_regions([",".join(str(box[k]) for k in ("x0", "y0", "x1", "y1"))])
+        assert as_object == as_text
+    assert parse_regions([{"x0": 0, "y0": 0, "x1": 1, "y1": 1, "units": "px"}])[0].units == "px"  # as given
+    with pytest.raises(RegionError, match="x1"):
+        parse_regions([{"x0": 0, "y0": 0, "y1": 1}])
+
+
 def test_grid_cells_tile_the_image():
     cells = parse_regions(["grid:2x3"])
     assert [c.label for c in cells] == ["r0c0", "r0c1", "r0c2", "r1c0", "r1c1", "r1c2"]
@@ -145,14 +155,14 @@ def test_grid_cells_share_out_the_patches(tiny):
     assert located.input_box == (16, 0, 80, 64) and located.boxes[3] == (48, 32, 80, 64)
 
 
-def test_a_region_covering_no_patch_is_named(tiny):
-    with pytest.raises(RegionError) as e:
-        locate(parse_regions(["0,0,3,3"]), (32, 32), geometry(tiny))
-    assert "region 'r0' (0,0,3,3 px) covers no whole 8x8-px patch of the model's input" in str(e.value)
-    with pytest.raises(RegionError, match="'far'"):  # outside the image: clipped to nothing
-        locate(parse_regions(["far=100,100,200,200"]), (64, 64), geometry(tiny))
-    located = locate(parse_regions(["0,0,12,12", "grid:2x2"]), (32, 32), geometry(tiny))
-    assert located.patches == [1, 4, 4, 4, 4] and located.boxes[0] == (0, 0, 12, 12)
+def test_a_region_covering_no_patch_fails_alone_and_is_named(tiny):
+    located = locate(parse_regions(["0,0,3,3", "far=100,100,200,200", "0,0,12,12", "grid:2x2"]), (64, 64),
+                     geometry(tiny))
+    assert "region 'r0' (0,0,3,3 px) covers no whole 8x8-px patch of the model's input" in located.errors[0]
+    assert "region 'far'" in located.errors[1]  # outside the image: clipped to nothing
+    assert located.errors[2:] == [None] * 5
+    assert located.patches == [0, 0, 1, 4, 4, 4, 4] and located.boxes[2] == (0, 0, 12, 12)
+    assert located.mask[:2].all() and not located.mask[2:, 0].any()  # a failed region's placeholder: every position
 
 
 # --- the pooler's key mask ---
@@ -236,8 +246,12 @@ def test_cli_regions_and_grid(tmp_path):
                  "--region", "0,0,30,30", "--region", "cup=0,0,0.5,0.5", "--regions", "grid:2x2"])
     assert code == 0
     results = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    # 30x30 px of a 400x300 image is 3.2 px of the input: that image fails, naming the region.
-    assert "region 'r0' (0,0,30,30 px) covers no whole 8x8-px patch" in results["large"]["error"]
+    # 30x30 px of a 400x300 image is 3.2 px of the input: that region fails on that image, named; the image's
+    # captions and its other regions stand.
+    large = results["large"]
+    assert "error" not in large and [c["layer"] for c in large["layers"]] == [0, 1, 2, 3]
+    assert "region 'r0' (0,0,30,30 px) covers no whole 8x8-px patch" in large["regions"][0]["error"]
+    assert large["regions"][0]["layers"] == [] and all(len(r["layers"]) == 4 for r in large["regions"][1:])
     small = results["small"]
     # 40x30 -> 42x32 (scale 1.05 across), cropped from x = 5: the input shows x 5/1.05 .. 37/1.05 of the image.
     assert small["size"] == [40, 30] and small["input_box"] == pytest.approx([5 / 1.05, 0, 37 / 1.05, 30])
@@ -248,9 +262,10 @@ def test_cli_regions_and_grid(tmp_path):
         assert region["patches"] > 0 and len(region["box"]) == 4
     with open(out / "regions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 * 4 and {r["id"] for r in rows} == {"small"}
+    assert len(rows) == (6 + 5) * 4 and {r["id"] for r in rows} == {"small", "large"}
     cup = small["regions"][1]["layers"][0]["caption"]
-    assert (rows[4]["region"], rows[4]["layer"], rows[4]["caption"]) == ("cup", "0", cup)
+    small_rows = [r for r in rows if r["id"] == "small"]
+    assert (small_rows[4]["region"], small_rows[4]["layer"], small_rows[4]["caption"]) == ("cup", "0", cup)
 
 
 @pytest.mark.parametrize("args, reason", [

@@ -223,7 +223,7 @@ def _plot_distributions(runs: list[RunData], path: Path, aligned: bool) -> Path:
     for ax, r in zip(axes[0], labelled):
         a = r.analysis
         ax.stackplot(_x(r, a.layers, aligned), [[a.row(layer)[c] for layer in a.layers] for c in shown],
-                     labels=[taxonomy.plot_name(c) for c in shown], colors=[taxonomy.color(c) for c in shown])
+                     labels=shown, colors=[taxonomy.color(c) for c in shown])
         ax.set(title=_label(r), xlabel=_x_label(aligned), ylabel="mean percentage of class", ylim=(0, 100))
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles[::-1], labels[::-1], loc="center right", fontsize=8)

@@ -82,7 +82,7 @@ def class_figure(analysis: Analysis, taxonomy: Taxonomy | None = None, note: str
     ax.stackplot(
         analysis.layers,
         [[row[i] for row in analysis.percent] for i in columns],
-        labels=[taxonomy.plot_name(c) for c in analysis.plotted],
+        labels=analysis.plotted,  # the classes as distribution.csv names them: one name per class
         colors=[taxonomy.color(c) for c in analysis.plotted],
     )
     if len(analysis.layers) > 1:
@@ -116,7 +116,7 @@ def _summary(analysis: Analysis, taxonomy: Taxonomy) -> dict:
         layers.append(entry)
     return {
         "taxonomy_version": analysis.taxonomy_version,
-        "plotted": {c: taxonomy.plot_name(c) for c in analysis.plotted},
+        "plotted": {c: c for c in analysis.plotted},  # class -> its name in the figure: the class itself
         "layers": layers,
     }
 

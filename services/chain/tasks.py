@@ -80,10 +80,11 @@ def run_chunk(stage: str, job_id: str, chunk: int, work: Callable[[Context, JobR
     done = ctx.jobs.chunk_done(job_id, stage, chunk, outcome.images, seconds, outcome.failed_images)
     log.info("chunk done", extra={"job": job_id, "stage": stage, "chunk": chunk, "images": outcome.images,
                                   "seconds": round(seconds, 3), "chunks_done": done, "chunks": job.chunks})
-    if stage == job.final_stage and done == job.chunks:
-        finish_job(ctx, job)
     if (current := ctx.jobs.get(job_id)) is not None and current.status == JobStatus.cancelled:
-        ctx.store.delete_job(job_id)  # cancelled while this chunk ran: drop what it wrote
+        if not ctx.settings.keep_artifacts:  # cancelled while this chunk ran: drop what it wrote
+            ctx.store.delete_intermediates(job_id)
+    elif stage == job.final_stage and done == job.chunks:
+        finish_job(ctx, job)
 
 
 def finish_job(ctx: Context, job: JobRecord) -> None:

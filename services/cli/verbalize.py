@@ -19,7 +19,7 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -38,8 +38,9 @@ from latent_verbalizer.services.families import Family
 from latent_verbalizer.services.pipeline import verbalize
 from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, ImageItem, check_inputs, iter_items
 from latent_verbalizer.shared.models import ModelError
+from latent_verbalizer.shared.region_table import REGION_COLUMNS, region_rows
 from latent_verbalizer.shared.regions import Region, check_coverable, parse_regions
-from latent_verbalizer.shared.schemas import DecodeParams, ImageResult, resolve_layers
+from latent_verbalizer.shared.schemas import DecodeParams, resolve_layers
 from latent_verbalizer.shared.settings import get_settings
 from latent_verbalizer.shared.tables import write_captions_csv
 
@@ -136,18 +137,6 @@ def regions_from_args(args: argparse.Namespace) -> list[Region]:
     return parse_regions(texts, args.region_cls)
 
 
-REGION_COLUMNS = ["id", "region", "x0", "y0", "x1", "y1", "patches", "layer", "caption", "mean_entropy",
-                  "image_score", "prior", "prior_overlap", "last_layer_similarity"]
-
-
-def _region_rows(result: ImageResult) -> Iterator[list]:
-    """regions.csv: one row per region caption (box in image px; grounding columns empty when it was off)."""
-    for region in result.regions or []:
-        for c in region.layers:
-            yield [result.id, region.region.label, *region.box, region.patches, c.layer, c.caption, c.mean_entropy,
-                   c.image_score, c.prior, c.prior_overlap, c.last_layer_similarity]
-
-
 def write_run(
     family: Family,
     items: Iterable[ImageItem],
@@ -184,7 +173,7 @@ def write_run(
         for r in results:
             f.write(r.model_dump_json(exclude_none=True) + "\n")
             if table is not None:
-                table.writerows(_region_rows(r))
+                table.writerows(region_rows(r))
             progress.update(1, len(r.layers or []) + sum(len(region.layers) for region in r.regions or []))
             if r.error:
                 n_err += 1

@@ -56,10 +56,12 @@ def split_regions(per_row: list[list[LayerCaption]], n: int) -> tuple[list[list[
 
 
 def region_results(regions: Sequence[Region], boxes: Sequence[Sequence[float]], patches: Sequence[int],
-                   captions: Sequence[list[LayerCaption]]) -> list[RegionResult]:
-    """One image's RegionResults, in the regions' order."""
-    return [RegionResult(region=r, box=list(b), patches=p, layers=c)
-            for r, b, p, c in zip(regions, boxes, patches, captions, strict=True)]
+                   errors: Sequence[str | None], captions: Sequence[list[LayerCaption]]) -> list[RegionResult]:
+    """One image's RegionResults, in the regions' order; a region that failed on this image (its error
+    from services.encoder.regions.locate) has no captions (its placeholder row's are dropped)."""
+    return [RegionResult(region=r, box=list(b), patches=p, layers=[], error=e) if e is not None
+            else RegionResult(region=r, box=list(b), patches=p, layers=c)
+            for r, b, p, e, c in zip(regions, boxes, patches, errors, captions, strict=True)]
 
 
 def attribution_parts(

@@ -50,7 +50,7 @@ def _decode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
             fields[image_id] = dict(
                 layers=captions, size=info["sizes"][j], input_box=info["input_box"][j],
                 regions=region_results(options.regions, info["region_boxes"][j], info["region_patches"][j],
-                                       region_captions) if options.regions else None)
+                                       info["region_errors"][j], region_captions) if options.regions else None)
     if options.grounding:
         ctx.store.write_tensors(job.id, "grounding", chunk, *grounding)
     results = [ImageResult(id=item["id"], source=item["source"], meta=item["meta"],

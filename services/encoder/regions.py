@@ -11,8 +11,9 @@ the map from image pixels to input pixels); for a transform of torchvision / ope
 A region (shared.regions: the syntax and parsing, re-exported here) is put in image pixels (fractions
 of the image's size, or for "input" units, grid cells, of the input box: the part of the image the input
 shows), clipped to the image, mapped into input pixels, and patch (i, j) of the input's grid is SEEN when
-more than half of its area lies inside it (shared.regions.covered); a leading class token (every block
-lets it read the whole image) is seen only with `include_cls`. The mask [N, R, T] (T = the class token if
+more than half of its area lies inside it (shared.regions.covered; a region that sees no patch of an
+image fails on that image alone, with the reason in its entry of the results); a leading class token
+(every block lets it read the whole image) is seen only with `include_cls`. The mask [N, R, T] (T = the class token if
 the family has one, then the gh x gw patches) goes to the family's `encode` as `key_mask`: CoCa's pooler
 queries attend over a region's seen keys only, at every selected layer, and the decoder reads the result
 as it reads a whole image's.
@@ -144,33 +145,37 @@ class Located:
     boxes: list[Box]  # each region in image px, clipped to the image
     mask: torch.Tensor  # [R, T] bool: the positions region r reads (a class token first, when the family has one)
     patches: list[int]  # patches each region reads (a class token not counted)
+    errors: list[str | None]  # per region, why it cannot be captioned on this image (None: it can)
 
 
 def locate(regions: Sequence[Region], size: tuple[int, int], geometry: Geometry) -> Located:
-    """Place each region of an image of `size` (w, h) in the model's input and its grid of patches.
-    RegionError naming the first region that covers no patch (more than half of one), with the patch size."""
+    """Place each region of an image of `size` (w, h) in the model's input and its grid of patches. A region
+    that covers no patch (more than half of one) gets an error naming it, its box and the patch size; its
+    mask row then reads every position (a placeholder the encoder can attend over: its captions are dropped)."""
     p = geometry.place(*size)
     (H, W), (ph, pw) = geometry.image_size, geometry.patch_size
     if p.input_size != (W, H):
         raise ValueError(f"the preprocessing gives {p.input_size[0]}x{p.input_size[1]} px, the model takes {W}x{H}")
     shown = p.to_image((0, 0, W, H))
-    boxes, masks, patches = [], [], []
+    T = int(geometry.class_token) + (H // ph) * (W // pw)
+    boxes, masks, patches, errors = [], [], [], []
     for region in regions:
         box = image_box(region, *size, shown)
         x0, y0, x1, y1 = p.to_input(box)
         seen = torch.tensor(covered((x0, y0, x1, y1), geometry.image_size, geometry.patch_size))  # [gh*gw] row-major
-        if not seen.any():
-            raise RegionError(
-                f"{region.describe()} covers no whole {pw}x{ph}-px patch of the model's input (more than half of"
-                f" one is needed): on this {size[0]}x{size[1]} image it is {_fmt(box)} px, {_fmt((x0, y0, x1, y1))}"
-                f" px of the {W}x{H}-px input")
         boxes.append(box)
+        patches.append(int(seen.sum()))
+        if not seen.any():
+            errors.append(f"{region.describe()} covers no whole {pw}x{ph}-px patch of the model's input (more than"
+                          f" half of one is needed): on this {size[0]}x{size[1]} image it is {_fmt(box)} px,"
+                          f" {_fmt((x0, y0, x1, y1))} px of the {W}x{H}-px input")
+            masks.append(torch.ones(T, dtype=torch.bool))  # the placeholder
+            continue
+        errors.append(None)
         lead = [region.include_cls] if geometry.class_token else []  # the class token's column
         masks.append(torch.cat([torch.tensor(lead, dtype=torch.bool), seen]))  # [T]
-        patches.append(int(seen.sum()))
-    T = int(geometry.class_token) + (H // ph) * (W // pw)
     mask = torch.stack(masks) if masks else torch.zeros(0, T, dtype=torch.bool)
-    return Located(size, shown, boxes, mask, patches)
+    return Located(size, shown, boxes, mask, patches, errors)
 
 
 def key_mask(regions: Sequence[Region], sizes: Sequence[tuple[int, int]], geometry: Geometry) -> torch.Tensor:
@@ -185,26 +190,13 @@ def with_whole_image(mask: torch.Tensor | None, n: int, T: int, device: torch.de
     return whole if mask is None else torch.cat([whole, mask.to(device)], dim=1)
 
 
-def place(
-    family: Family, pixels: torch.Tensor | None, items: list[ImageItem], regions: Sequence[Region],
-    errors: dict[str, str],
-) -> tuple[torch.Tensor | None, list[ImageItem], list[Located]]:
-    """`load_pixels`' output -> the same without the images where a region covers no patch (their
-    RegionError goes to `errors`, by id), and each kept image `Located` (no regions: just its size and
-    input box; mask [0, T]). A family without the regions extra refuses regions (FamilyError)."""
+def place(family: Family, items: list[ImageItem], regions: Sequence[Region]) -> list[Located]:
+    """Each loaded image `Located` (no regions: just its size and input box; mask [0, T]). A region that
+    covers no patch of an image fails on that image alone (`Located.errors`): the image keeps its captions.
+    A family without the regions extra refuses regions (FamilyError)."""
     if regions:
         family.require("regions")
-    geometry = family.geometry
-    kept, located = [], []
-    for j, item in enumerate(items):
-        try:
-            located.append(locate(regions, item.size, geometry))
-            kept.append(j)
-        except RegionError as e:
-            errors[item.id] = str(e)
-    if len(kept) == len(items):
-        return pixels, items, located
-    return (pixels[kept] if kept else None), [items[j] for j in kept], located
+    return [locate(regions, item.size, family.geometry) for item in items]
 
 
 def _fmt(box: Box) -> str:

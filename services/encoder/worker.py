@@ -2,7 +2,7 @@
 them what the job asks for: with grounding the null image's latents and, where the family has them, the
 images' contrastive embeddings; with regions, each region's latents or mask; with attributions, CoCa's
 pooler weights, which the decoder task composes into word -> patch maps). See encoder.stage.encode_batch.
-An image where a region covers no patch is a per-image error, as an unreadable one.
+A region that covers no patch of an image fails on that image alone (the region's error in its results).
 The worker process loads the model once (`services.chain.tasks.use_model`); RQ then calls `encode_chunk` per chunk."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _encode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     items = ctx.store.read_inputs(job.id, chunk)
     layers = resolve_layers(job.options.layers, family.num_layers)
     pixels, good, errors = load_pixels(family, items, ctx.settings.max_image_pixels)
-    pixels, good, located = place(family, pixels, good, job.options.regions, errors)  # no patch covered: an error
+    located = place(family, good, job.options.regions)  # a region covering no patch of an image: that region's error
     encoded = None
     if pixels is not None:  # vision forwards of at most encode_batch images
         options = job.options
@@ -41,6 +41,7 @@ def _encode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
         "input_box": [list(p.input_box) for p in located],
         "region_boxes": [[list(b) for b in p.boxes] for p in located],
         "region_patches": [p.patches for p in located],
+        "region_errors": [p.errors for p in located],
     }
     beside = {} if encoded is None else encoded.tensors()
     latents = beside.pop("latents", None)

@@ -34,7 +34,7 @@ ERRORS = {  # status -> what it means on this API
     401: "missing or invalid API key: send `Authorization: Bearer <key>`",
     403: "not allowed on this server (a shard outside its data roots, shard URLs disabled)",
     404: "no such job (unknown or expired), output or shard",
-    409: "the job has not succeeded: its outputs do not exist (yet)",
+    409: "the job has not succeeded: its outputs do not exist (yet; a cancelled job keeps only its partial results)",
     411: "no Content-Length header (streamed bodies are not accepted)",
     413: "over a limit of the server: body bytes, files or shards per job (GET /v1/options)",
     415: "a content type or a file the server does not take",
@@ -66,6 +66,7 @@ class Links(BaseModel):
     entropy: str
     distribution: str
     grounding: str = Field(description="grounding.png, the grounding curves per layer (404 when grounding was off)")
+    regions: str = Field(description="regions.csv, the region captions one row each (404 when the job had no regions)")
     viewer: str = Field(description="the job in the web viewer (open it in a browser)")
 
     @classmethod
@@ -73,7 +74,7 @@ class Links(BaseModel):
         base = f"/v1/jobs/{job_id}"
         return cls(self=base, results=f"{base}/results", summary=f"{base}/summary", figure=f"{base}/figure.png",
                    entropy=f"{base}/entropy.png", distribution=f"{base}/distribution.csv",
-                   grounding=f"{base}/grounding.png", viewer=f"/#job/{job_id}")
+                   grounding=f"{base}/grounding.png", regions=f"{base}/regions.csv", viewer=f"/#job/{job_id}")
 
 
 class JobCreated(BaseModel):
@@ -167,7 +168,6 @@ class TaxonomyOut(BaseModel):
     version: str
     colors: dict[str, str] = Field(description="merged class -> hex colour (as in figure.png)")
     merged_classes: dict[str, list[str]] = Field(description="merged class -> the raw labels it folds")
-    plot_names: dict[str, str]
 
 
 class LLMStatus(BaseModel):
