@@ -372,3 +372,17 @@ def test_a_labeler_failing_as_a_whole_keeps_every_caption():
     got = labels_or_reasons(captions, "openai", lambda backend: make_labeler(backend, unusable))
     assert [c.caption for c in got] == captions
     assert all(c.phrases == [] and c.error.startswith("labelling failed (openai backend): ") for c in got), got
+
+
+def test_job_with_regions_labels_the_regions_captions(stack):
+    """A categorized job with regions: every region's caption gets its phrases, as the image's do (issue 25,
+    item 16); the categorizer stage labels them in the same pass as the CLI's categorize."""
+    api = stack.api
+    job = wait_job(api, submit(api, [("files", ("a.png", image_bytes(22)))], {"regions": ["grid:1x2"]}))
+    assert job["status"] == "succeeded", job
+    (r,) = results(api, job["id"])
+    assert_captioned(r, categorized=True)
+    assert [g["region"]["label"] for g in r["regions"]] == ["r0c0", "r0c1"]
+    for region in r["regions"]:
+        assert [c["layer"] for c in region["layers"]] == LAYERS
+        assert all(c["phrases"] and all(1 <= len(p["labels"]) <= 3 for p in c["phrases"]) for c in region["layers"])

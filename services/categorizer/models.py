@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel, Field
 
 from latent_verbalizer.shared import pmi
-from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
+from latent_verbalizer.shared.schemas import ImageResult, LayerCaption, RegionResult
 
 MAX_LABELS = 3
 
@@ -64,25 +64,44 @@ class LabeledCaption(LayerCaption):
         return CaptionLabels(caption=self.caption, phrases=self.phrases, error=self.label_error)
 
 
+class LabeledRegionResult(RegionResult):
+    """A region's captions in a categorized job's results, labelled as the image's are."""
+
+    layers: list[LabeledCaption]
+
+
 class LabeledResult(ImageResult):
     """One line of a categorized job's results.jsonl."""
 
     layers: list[LabeledCaption] | None = None
+    regions: list[LabeledRegionResult] | None = None
+
+
+def captions_in_order(results: list[ImageResult]) -> list[str]:
+    """The captions `with_labels` labels, in its order: each image's layers', then its regions'."""
+    captions: list[str] = []
+    for r in results:
+        captions += [c.caption for c in r.layers or []]
+        captions += [c.caption for g in r.regions or [] for c in g.layers]
+    return captions
 
 
 def with_labels(results: list[ImageResult], labels: Iterable[CaptionLabels]) -> list[LabeledResult]:
-    """The result lines with their captions' labels (`labels`: one per caption, in order), their phrases'
-    PMI from each caption's own words (CaptionLabels.grounded)."""
+    """The result lines with their captions' labels (`labels`: one per caption, in `captions_in_order`), their
+    phrases' PMI from each caption's own words (CaptionLabels.grounded)."""
     it = iter(labels)
+
+    def labeled(captions: list[LayerCaption]) -> list[LabeledCaption]:
+        return [LabeledCaption(**c.model_dump(), phrases=(cl := next(it).grounded(c.word_pmi)).phrases,
+                               label_error=cl.error)
+                for c in captions]
+
     return [
         LabeledResult(
-            **r.model_dump(exclude={"layers"}),
-            layers=None
-            if r.layers is None
-            else [
-                LabeledCaption(**c.model_dump(), phrases=(cl := next(it).grounded(c.word_pmi)).phrases,
-                               label_error=cl.error)
-                for c in r.layers
+            **r.model_dump(exclude={"layers", "regions"}),
+            layers=None if r.layers is None else labeled(r.layers),
+            regions=None if r.regions is None else [
+                LabeledRegionResult(**g.model_dump(exclude={"layers"}), layers=labeled(g.layers)) for g in r.regions
             ],
         )
         for r in results
@@ -91,5 +110,4 @@ def with_labels(results: list[ImageResult], labels: Iterable[CaptionLabels]) -> 
 
 def unlabeled(results: list[ImageResult], reason: str) -> list[LabeledResult]:
     """The result lines with every caption kept, unlabelled for `reason`."""
-    captions = (c.caption for r in results for c in r.layers or [])
-    return with_labels(results, (CaptionLabels(caption=c, error=reason) for c in captions))
+    return with_labels(results, (CaptionLabels(caption=c, error=reason) for c in captions_in_order(results)))

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from latent_verbalizer.services.families import FAMILIES, Family, load_family, resolve
 from latent_verbalizer.services.families.naming import config_layers
-from latent_verbalizer.shared.pretrained import DEMO_NOTE, NO_WEIGHTS, RULE, resolve_pretrained
+from latent_verbalizer.shared.models import DEVICES
+from latent_verbalizer.shared.pretrained import DEMO_NOTE, RULE, resolve_pretrained, weights_name
 from latent_verbalizer.shared.schemas import DecodeParams
 from latent_verbalizer.shared.settings import get_settings
 
@@ -21,8 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=s.model,
-                   help="an open_clip CoCa name, a project model (coca_synth_demo, llava_synth_demo), a Hugging Face"
-                        f" id org/name or a save_pretrained directory (default {s.model}: {DEMO_NOTE})")
+                   help="an open_clip CoCa name (or hf-hub:ORG/REPO, local-dir:FOLDER), a project model"
+                        " (coca_synth_demo, llava_synth_demo), a Hugging Face id org/name or a save_pretrained"
+                        f" directory (default {s.model}: {DEMO_NOTE})")
     g.add_argument("--family", default=s.family, choices=FAMILIES,
                    help="force the model's family (default: from the name; a directory's config.json model_type)")
     g.add_argument("--pretrained", default=s.pretrained,
@@ -31,7 +33,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", default=s.prompt,
                    help="LLaVA: the captioning prompt (default: a short one); BLIP: a text prefix the caption"
                         " continues (default none); CoCa takes none. Recorded in the run's summary")
-    g.add_argument("--device", default=s.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    g.add_argument("--device", default=s.device,
+                   help=f"{DEVICES} (default %(default)s; auto: the GPU where there is one, else the CPU)")
     g.add_argument("--dtype", default=s.dtype, choices=["fp32", "bf16", "fp16"])
 
 
@@ -47,7 +50,7 @@ def open_model(model: str, pretrained: str | None = None, device: str = "cpu", d
     if resolve(model, family).family == "coca":
         given = pretrained
         pretrained = resolve_pretrained(model, pretrained)
-        log.info("weights", extra={"model": model, "pretrained": pretrained or NO_WEIGHTS,
+        log.info("weights", extra={"model": model, "pretrained": weights_name(model, pretrained),
                                    "chosen": "given" if given is not None else "the model's default"})
     return load_family(model, pretrained, device, dtype, family=family, prompt=prompt,
                        cache_dir=get_settings().model_cache)
@@ -85,25 +88,22 @@ def decode_params_from_args(args: argparse.Namespace) -> DecodeParams:
 
 
 # One layer-list syntax and its messages, the viewer's (services/gateway/static/form.js, parseLayers).
-_RANGE = re.compile(r"^(-?\d+)\s*(?:-|–|\.\.)\s*(-?\d+)$")
+_RANGE = re.compile(r"^(-?[0-9]+)\s*(?:-|–|\.\.)\s*(-?[0-9]+)$")
 
 
 def parse_layers(text: str | None, n: int | None = None) -> list[int] | None:
-    """'0-3, 8, -1' -> [0, 1, 2, 3, 8, -1]; None / 'all' -> None (every layer). With `n`, the model's
-    number of layers, every layer must exist and none repeat. ValueError with the viewer's message."""
-    if text is None or text.strip().lower() == "all":
+    """'0-3, 8, -1' -> [0, 1, 2, 3, 8, -1]; None, blank or 'all' -> None (every layer). With `n`, the
+    model's number of layers, every layer must exist and none repeat. ValueError with the viewer's message."""
+    if text is None or not text.strip() or text.strip().lower() == "all":
         return None
-    tokens = [t for t in re.split(r"[\s,;]+", text.strip()) if t]
-    if not tokens:
-        raise ValueError("No layers given: layer numbers and ranges (0-2, -1) or all.")
     layers: list[int] = []
-    for token in tokens:
+    for token in (t for t in re.split(r"[\s,;]+", text.strip()) if t):
         if m := _RANGE.match(token):
             a, b = int(m[1]), int(m[2])
             if b < a:
                 raise ValueError(f"Range {token} goes backwards.")
             layers += range(a, b + 1)
-        elif re.fullmatch(r"-?\d+", token):
+        elif re.fullmatch(r"-?[0-9]+", token):
             layers.append(int(token))
         else:
             raise ValueError(f"“{token}” is not a layer number or range.")
@@ -117,6 +117,8 @@ def parse_layers(text: str | None, n: int | None = None) -> list[int] | None:
 
 def layers_from_args(args: argparse.Namespace) -> list[int] | None:
     """--layers, checked against the model's depth where its config tells it (before the model loads)."""
+    if args.layers is not None and not args.layers.strip():
+        raise ValueError("--layers is empty: give layer numbers and ranges (0-2, -1), or leave it out for all")
     try:
         return parse_layers(args.layers, config_layers(args.model, args.family))
     except ValueError as e:

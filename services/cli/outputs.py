@@ -29,7 +29,7 @@ MARKER = ".latent-verbalizer-run.json"
 RUN_NAMES = {
     MARKER, "results.jsonl", "captions.json", "captions.csv", "run.json", "prior.json", "regions.csv", "attributions",
     "features", "images", "labels.json", "distribution.csv", "figure.png", "entropy.png", "grounding.csv",
-    "grounding.png", "summary.json", "report.md", "report.json",
+    "grounding.png", "summary.json", "report.md", "report.json", "regions",
 }
 
 

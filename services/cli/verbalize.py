@@ -19,12 +19,9 @@ import csv
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
-
-from tqdm import tqdm
 
 from latent_verbalizer.services.cli.common import (
     add_decode_args,
@@ -35,10 +32,11 @@ from latent_verbalizer.services.cli.common import (
     positive_int,
 )
 from latent_verbalizer.services.cli.outputs import check_out, staged_run
+from latent_verbalizer.services.cli.progress import Progress
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
 from latent_verbalizer.services.families import Family
 from latent_verbalizer.services.pipeline import verbalize
-from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
+from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, ImageItem, check_inputs, iter_items
 from latent_verbalizer.shared.models import ModelError
 from latent_verbalizer.shared.regions import Region, check_coverable, parse_regions
 from latent_verbalizer.shared.schemas import DecodeParams, resolve_layers
@@ -109,12 +107,24 @@ def run(args: argparse.Namespace) -> int:
             n_ok, n_err = write_run(family, items, tmp, layers, params, batch_size=args.batch_size,
                                     decode_batch=args.decode_batch, max_pixels=args.max_pixels,
                                     save_features=args.save_features, grounding=args.grounding,
-                                    gallery=args.gallery, attributions=args.attributions, regions=regions)
+                                    gallery=args.gallery, attributions=args.attributions, regions=regions,
+                                    total=_count_images(args.paths))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}; {args.out} is as it was", file=sys.stderr)
         return 2
     log.info("written", extra={"out": str(args.out)})
     return 0 if n_ok or not n_err else 1
+
+
+def _count_images(paths: list[str]) -> int | None:
+    """How many items the inputs make, for the progress bar; None when a .tar shard is among them."""
+    n = 0
+    for path in map(Path, paths):
+        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+        if any(f.suffix.lower() == ".tar" for f in files):
+            return None
+        n += sum(f.suffix.lower() in IMAGE_EXTS for f in files) if path.is_dir() else 1
+    return n
 
 
 def regions_from_args(args: argparse.Namespace) -> list[Region]:
@@ -141,6 +151,7 @@ def write_run(
     gallery: int = 1000,
     attributions: bool = False,
     regions: list[Region] | None = None,
+    total: int | None = None,
 ) -> tuple[int, int]:
     """Verbalize `items` into `out` (results.jsonl, captions.json, captions.csv, run.json, prior.json with
     grounding, regions.csv with regions); the `verbalize` command, `demo` and the Python API write their runs
@@ -148,7 +159,7 @@ def write_run(
     out.mkdir(parents=True, exist_ok=True)
     captions: dict[str, list[str]] = {}
     n_ok = n_err = 0
-    t0 = time.perf_counter()
+    progress = Progress(log, "verbalize", "images", "captions", total)
     embeddings = RunEmbeddings() if grounding else None
     results = verbalize(family, items, layers, params, batch_size, decode_batch,
                         out / "features" if save_features else None, max_pixels, embeddings,
@@ -158,10 +169,11 @@ def write_run(
         table = csv.writer(files.enter_context(open(out / "regions.csv", "w", newline=""))) if regions else None
         if table is not None:
             table.writerow(REGION_COLUMNS)
-        for r in tqdm(results, unit="img", desc="verbalize", disable=None):
+        for r in results:
             f.write(r.model_dump_json(exclude_none=True) + "\n")
             if table is not None:
                 table.writerows(region_rows(r))
+            progress.update(1, len(r.layers or []) + sum(len(region.layers) for region in r.regions or []))
             if r.error:
                 n_err += 1
                 log.warning("image failed", extra={"id": r.id, "source": r.source, "reason": r.error})
@@ -176,5 +188,5 @@ def write_run(
         rewrite_with_ranks(out / "results.jsonl", embeddings.ranks(gallery))
         write_prior(out / "prior.json", embeddings.null_captions)
     write_captions_csv(out / "results.jsonl", out / "captions.csv")
-    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2)})
+    progress.close(errors=n_err)
     return n_ok, n_err

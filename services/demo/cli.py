@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_out(args.out, args.overwrite)
         lm = model_from_args(args)
-    except (ModelError, FamilyError, OutputError) as e:
+    except (ModelError, FamilyError, OutputError) as e:  # a model or folder that cannot be used, said why
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The run is written beside --out and replaces it only when complete (services.cli.outputs).
@@ -80,7 +80,8 @@ def _write_demo(lm: Family, args: argparse.Namespace, out: Path
     images = out / "images"
     manifest = write_dataset(images, args.n, args.seed)
     truth = {Path(m["file"]).stem: Scene.from_dict(m) for m in read_manifest(manifest)}
-    write_run(lm, _relocated(iter_items([images]), out, args.out), out)
+    scenes = sorted(images.glob("*.png"))  # the files, not the folder: its manifest is no image to skip
+    write_run(lm, _relocated(iter_items(scenes), out, args.out), out)
     results = read_results(out / "results.jsonl")
 
     captioned = [r for r in results if r.layers]

@@ -2,7 +2,8 @@
 
     a local directory          written by save_pretrained: the family is config.json's `model_type`
     a project name             PROJECT_MODELS: a model this project ships (shared/weights/) or configures
-    an open_clip CoCa name     coca_ViT-B-32, coca_ViT-L-14, ... (weights: --pretrained, as before)
+    an open_clip CoCa name     coca_ViT-B-32, coca_ViT-L-14, ... (weights: --pretrained, as before), or
+                               hf-hub:ORG/REPO, local-dir:FOLDER (open_clip's: config and weights in there)
     a Hugging Face id          org/name: config.json from the local hub cache, or from the hub where the
                                network allows (one quick look first: offline there is one error, no retries)
 `--family` (LV_FAMILY) forces the family. This module stays light (the gateway imports it for its model
@@ -68,6 +69,8 @@ def resolve(model: str, family: str | None = None, fetch: bool = True) -> ModelS
     coca = _open_clip_config(model)
     if coca is not None and family in (None, "coca"):
         return ModelSource("coca", model, model, coca)
+    if model.startswith(("hf-hub:", "local-dir:")) and family in (None, "coca"):  # open_clip's own schemas
+        return ModelSource("coca", model, model, None)  # config and weights: from that repository or folder
     if _HUB_ID.match(model) and not path.exists():
         config = _hub_config(model, fetch)
         return ModelSource(family or _family_of(config, model), model, model, config, hub=True)
