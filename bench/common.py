@@ -18,7 +18,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-TRAINING_SEEDS = (0, 1)  # the demo model's training scenes (seed 0) and its checks (seed 1)
+# The demo models' training scenes and their held-out checks: coca_synth_demo 0 and 1, llava_synth_demo 10 and 11.
+TRAINING_SEEDS = (0, 1, 10, 11)
 
 
 def scene_parser(description: str, seed: int) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from latent_verbalizer.shared.images import iter_items
 from latent_verbalizer.shared.models import ModelError
 from latent_verbalizer.shared.schemas import ImageResult
 
-DEMO_SEED = 7  # not a training seed (0, 1)
+DEMO_SEED = 7  # not a training seed (0, 1 of the CoCa demo; 10, 11 of the LLaVA demo)
 TOP_CLASSES = 3  # dominant classes shown per layer
 
 

@@ -53,8 +53,10 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 USER, ASSISTANT = "USER:", "ASSISTANT:"
 # Prompts the model is trained with (one drawn per training sample), so a short captioning request in
-# these words works whatever its wording; other words read as <unk>.
+# these words works whatever its wording. The last has words the tokenizer does not know (<unk>), so a
+# request in other words still gets a caption. The LLaVA family's default prompt is the first.
 PROMPTS = (
+    "Describe the image briefly.",
     "Describe the image.",
     "Describe this image.",
     "What is in the image?",
@@ -63,11 +65,12 @@ PROMPTS = (
     "Write a short caption for the image.",
     "A short image caption:",
     "What do you see?",
+    "Tell me about the scene.",
 )
 # The scenes' words (services/demo/synth.py's grammar), then the prompts' words and punctuation.
 SCENE_WORDS = ("a", *SIZES, *COLORS, *SHAPES, "left", "of", "on", *BACKGROUNDS, "background")
-PROMPT_WORDS = ("describe", "the", "this", "image", "picture", "photo", "what", "is", "in", "caption", "write",
-                "short", "for", "do", "you", "see", ".", "?", ":", ",")
+PROMPT_WORDS = ("describe", "the", "this", "image", "briefly", "picture", "photo", "what", "is", "in", "caption",
+                "write", "short", "for", "do", "you", "see", ".", "?", ":", ",")
 
 # LLaVA-1.5's conversation format, "USER: <image>\n{prompt} ASSISTANT:", for a word-level tokenizer.
 CHAT_TEMPLATE = (

@@ -53,10 +53,10 @@ class LlavaTrainConfig:
     """Defaults: the recipe of the shipped llava_synth_demo weights (docs/demo_model.md)."""
 
     seed: int = 10  # model init, training scenes (seed 10) and their order; checks on seed 11
-    scenes: int = 8000  # distinct training scenes (their vision features are kept in memory, fp16)
-    language_steps: int = 300
-    projector_steps: int = 300
-    finetune_steps: int = 1500
+    scenes: int = 16000  # distinct training scenes (their vision features are kept in memory, fp16)
+    language_steps: int = 200
+    projector_steps: int = 200
+    finetune_steps: int = 1800
     batch_size: int = 32
     language_lr: float = 2e-3
     projector_lr: float = 2e-3
