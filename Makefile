@@ -28,7 +28,7 @@ test: venv system-deps lint
 	$(BIN)/python -m pytest
 
 demo: venv
-	$(BIN)/latent-verbalizer demo --out runs/demo
+	$(BIN)/latent-verbalizer demo --out runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) runs

@@ -92,6 +92,14 @@ class ArtifactStore:
             latents = f.get_tensor("latents") if "latents" in f.keys() else None
         return latents, info
 
+    def read_latents_info(self, job_id: str, chunk: int) -> dict:
+        """The latents' info alone (the chunk's items, with their errors), without reading the tensor or
+        importing torch."""
+        from safetensors import safe_open
+
+        with safe_open(self._chunk(job_id, "latents", chunk, ".safetensors"), "numpy") as f:
+            return json.loads(f.metadata()["info"])
+
     # --- other per-chunk tensors (image_embeddings | region_latents | pool_attention | grounding): fp16 + JSON info ---
 
     def write_tensors(self, job_id: str, kind: str, chunk: int, tensors: dict[str, torch.Tensor], info: dict) -> None:

@@ -217,6 +217,12 @@ class JobStore:
             self._observe(stage, images, seconds)
         return done
 
+    def chunk_is_done(self, job_id: str, stage: str, chunk: int) -> bool:
+        return bool(self.client.sismember(self.keys.done(job_id, stage), chunk))
+
+    def chunks_done(self, job_id: str, stage: str) -> int:
+        return self.client.scard(self.keys.done(job_id, stage))
+
     def finish(self, job_id: str, status: JobStatus, error: str | None = None, warnings: list[str] | None = None
                ) -> bool:
         """End an active job (succeeded, failed or cancelled); False when it had already ended. `warnings`:

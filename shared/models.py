@@ -73,6 +73,13 @@ class LoadedModel:
         return self.model.text.context_length
 
 
+def config_layers(name: str) -> int | None:
+    """The vision tower's number of blocks from the model's config (before loading it); None when the
+    name is not a known config."""
+    layers = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("layers")
+    return layers if isinstance(layers, int) else None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,14 +3,18 @@
 One RQ queue per stage, named with the install's prefix (LV_REDIS_PREFIX, default `lv:`): queues
 lv:encode, lv:decode, lv:categorize, which RQ keeps as the Redis lists rq:queue:lv:encode, ... (KEDA
 scales the workers on their length). A task is one chunk at one stage, with a deterministic id
-(<job>_<stage>_<chunk>), so enqueueing it twice is a no-op. Failed tasks are retried with backoff; when
-the retries are spent, `on_task_failure` fails the job with the reason.
+(<job>_<stage>_<chunk>), so enqueueing it twice is a no-op. Failed tasks are retried with backoff; a
+task out of retries lands in RQ's failed registry, where the gateway's housekeeper settles it
+(services.chain.lost: the chunk's images fail with the reason, and the job goes on without them). A job
+whose last chunk was lost is ended by a task of its own (<job>_finish) on its final stage's queue: the
+housekeeper is no place to write a job's outputs.
 
 Workers are `LeaseWorker`s: RQ's SimpleWorker (no fork: the model is loaded once per process and
 kept) plus a lease. While a task runs, a thread renews the task's entry in RQ's started registry every
 lease_s/3. If the worker is killed the entry lapses after lease_s; RQ's registry clean-up (run by the
 gateway's housekeeper every second, and by every worker when it starts) then treats the task as
-abandoned and retries it, so another worker (or the restarted one) redoes that chunk. A LeaseWorker
+abandoned and retries it, so another worker (or the restarted one) redoes that chunk (out of retries,
+the chunk is lost, as above). A LeaseWorker
 also keeps its heartbeat (shared.heartbeat) busy while it runs a task and ready otherwise.
 """
 
@@ -21,8 +25,7 @@ import threading
 from collections.abc import Iterable
 
 import redis
-from rq import Callback, Queue, Retry, SimpleWorker
-from rq.exceptions import AbandonedJobError
+from rq import Queue, Retry, SimpleWorker
 from rq.job import Job
 from rq.worker import WorkerStatus
 
@@ -40,10 +43,15 @@ TASKS = {
     "decode": "latent_verbalizer.services.decoder.worker.decode_chunk",
     "categorize": "latent_verbalizer.services.categorizer.worker.categorize_chunk",
 }
+FINISH_TASK = "latent_verbalizer.services.chain.tasks.finish_task"  # a job's end, when its last chunk was lost
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 # A worker's registration expires this long after its last heartbeat; an idle worker beats every
 # WORKER_TTL_S - 15 s, a busy one every lease_s / 3.
 WORKER_TTL_S = 60
+# How often one of a queue's workers runs RQ's maintenance. Among its steps: a task whose worker died
+# between taking it and starting it is failed (or retried) once seen twice, a minute apart (RQ's default,
+# 10 minutes, would keep its job waiting up to 20).
+MAINTENANCE_S = 60
 RETRY_BACKOFF_S = 2  # the first retry waits this long, each later one 4x longer (2, 8, 32, ... s)
 
 
@@ -63,6 +71,10 @@ def task_id(job_id: str, stage: str, chunk: int) -> str:
     return f"{job_id}_{stage}_{chunk}"
 
 
+def finish_task_id(job_id: str) -> str:
+    return f"{job_id}_finish"
+
+
 def queue(client: redis.Redis, prefix: str, stage: str) -> Queue:
     """The RQ queue of a stage in the install with this key prefix."""
     return Queue(Keys(prefix).queue(stage), connection=client)
@@ -77,46 +89,38 @@ def enqueue(client: redis.Redis, settings: Settings, stage: str, job_id: str, ch
             pipe.exists(Job.key_for(tid))
         exists = pipe.execute()
     stage_queue = queue(client, settings.redis_prefix, stage)
-    retry = None
-    if settings.task_retries:  # RQ takes the intervals in order: one per retry
-        retry = Retry(max=settings.task_retries,
-                      interval=[RETRY_BACKOFF_S * 4**i for i in range(settings.task_retries)])
     stage_queue.enqueue_many([
-        Queue.prepare_data(
-            TASKS[stage], args=(job_id, chunk), job_id=tid, timeout=settings.task_timeout_s, retry=retry,
-            on_failure=Callback("latent_verbalizer.shared.queue.on_task_failure"), result_ttl=settings.job_ttl_s,
-            failure_ttl=settings.job_ttl_s, description=f"{stage} chunk {chunk} of job {job_id}",
-        )
+        Queue.prepare_data(TASKS[stage], args=(job_id, chunk), job_id=tid,
+                           description=f"{stage} chunk {chunk} of job {job_id}", **_task_options(settings))
         for (chunk, tid), exist in zip(ids.items(), exists) if not exist
     ])
+
+
+def enqueue_finish(client: redis.Redis, settings: Settings, stage: str, job_id: str) -> None:
+    """Queue the task that writes a job's outputs on its final stage's queue (once: a second call is a no-op)."""
+    tid = finish_task_id(job_id)
+    if not client.exists(Job.key_for(tid)):
+        queue(client, settings.redis_prefix, stage).enqueue_call(
+            FINISH_TASK, args=(job_id,), job_id=tid, description=f"finish job {job_id}", **_task_options(settings))
+
+
+def _task_options(settings: Settings) -> dict:
+    """Retries with backoff (RQ takes the intervals in order: one per retry), and how long RQ keeps a task."""
+    retry = None
+    if settings.task_retries:
+        retry = Retry(max=settings.task_retries,
+                      interval=[RETRY_BACKOFF_S * 4**i for i in range(settings.task_retries)])
+    return dict(timeout=settings.task_timeout_s, retry=retry, result_ttl=settings.job_ttl_s,
+                failure_ttl=settings.job_ttl_s)
 
 
 def cancel_queued(client: redis.Redis, job_id: str, chunks: int) -> None:
     """Take a job's waiting tasks off the queues. A running task finishes, then finds the job cancelled
     and drops what it wrote (services.chain.tasks)."""
-    ids = [task_id(job_id, stage, chunk) for stage in STAGES for chunk in range(chunks)]
+    ids = [task_id(job_id, stage, chunk) for stage in STAGES for chunk in range(chunks)] + [finish_task_id(job_id)]
     for task in Job.fetch_many(ids, connection=client):
         if task is not None and task.get_status(refresh=False) in ("queued", "scheduled", "deferred"):
             task.cancel()
-
-
-def on_task_failure(task: Job, connection: redis.Redis, exc_type, exc, _traceback) -> None:
-    """RQ failure callback, after every failed try of a task (in the worker, or in whoever cleans up
-    an abandoned task). With retries left RQ retries it; otherwise the job fails with the reason."""
-    job_id, chunk = task.args
-    stage = task.id.split("_")[1]  # task_id() above
-    if task.retries_left:
-        log.warning("task failed, will retry", extra={"task": task.id, "retries_left": task.retries_left,
-                                                      "error": f"{exc_type.__name__}: {exc}"})
-        return
-    if exc_type is AbandonedJobError:
-        cause = "the worker was lost (killed or stalled) while it held the chunk"
-    else:
-        cause = f"{exc_type.__name__}: {exc}"
-    settings = get_settings()
-    reason = f"{stage} of chunk {chunk} failed after {settings.task_retries + 1} tries: {cause}"
-    jobs = JobStore(connection, settings.job_ttl_s, settings.redis_prefix)
-    fail_job(jobs, ArtifactStore(settings.artifact_dir), settings, job_id, reason)
 
 
 def fail_job(jobs: JobStore, store: ArtifactStore, settings: Settings, job_id: str, reason: str) -> None:
@@ -146,7 +150,7 @@ class LeaseWorker(SimpleWorker):
     says busy while a task runs, ready otherwise."""
 
     def __init__(self, *args, lease_s: int, presence: Heartbeat, **kwargs) -> None:
-        super().__init__(*args, worker_ttl=WORKER_TTL_S, **kwargs)
+        super().__init__(*args, worker_ttl=WORKER_TTL_S, maintenance_interval=MAINTENANCE_S, **kwargs)
         self.lease_s = lease_s
         self.presence = presence  # our heartbeat (RQ's Worker has a `heartbeat` method of its own)
 

@@ -89,7 +89,7 @@ def test_console_script(image_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--layers", "9"], "layer 9 does not exist"),
+    (["--layers", "9"], "No layer 9: this model has layers 0–3."),
     (["--seq-len", "3", "--min-seq-len", "3"], "must be smaller than seq_len"),
     (["--model", "ViT-B-32"], "needs a multimodal text decoder"),
 ])

@@ -35,6 +35,9 @@ from latent_verbalizer.services.categorizer.files import (
 from latent_verbalizer.services.categorizer.reference import read_reference_labels
 from latent_verbalizer.services.categorizer.report import write_report
 from latent_verbalizer.services.categorizer.stage import categorize_layers, categorize_phrases, make_labeler
+from latent_verbalizer.services.cli.common import positive_int
+from latent_verbalizer.services.cli.outputs import OutputError, check_out, staged_run
+from latent_verbalizer.shared.artifacts import write_atomic
 from latent_verbalizer.shared.grounding import grounding_outputs, read_references, read_results
 from latent_verbalizer.shared.settings import get_settings
 
@@ -67,7 +70,7 @@ def _categorize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-structured", choices=STRUCTURED,
                         help=f"openai: the server's structured-output dialect, see docs/llm_servers.md (default: "
                              f"{s.llm_structured}, LV_LLM_STRUCTURED; auto: found by the first request)")
-    parser.add_argument("--concurrency", type=int,
+    parser.add_argument("--concurrency", type=positive_int,
                         help=f"openai: requests in flight (default: {s.llm_concurrency}, LV_LLM_CONCURRENCY)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the labels (.json)")
 
@@ -83,10 +86,10 @@ def _run_categorize(args: argparse.Namespace) -> int:
         print("error: the openai backend needs the LLM server's URL: --llm-url or LV_LLM_URL", file=sys.stderr)
         return 2
     labeler = make_labeler(backend, settings)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.phrases:
         labels = categorize_phrases(source, labeler)
-        args.out.write_text(json.dumps([{"text": p, "labels": x} for p, x in zip(source, labels)], indent=1))
+        write_atomic(args.out, json.dumps([{"text": p, "labels": x} for p, x in zip(source, labels)],
+                                          indent=1).encode())
         failed = sum(not x for x in labels)
         log.info("phrases labelled", extra={"phrases": len(labels), "failed": failed, "out": str(args.out)})
         return _all_failed(failed, len(labels), "phrase", "see the warnings above")
@@ -115,7 +118,10 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
         "--reference-format", action="store_true", help="LABELS is a folder of raw LLM answers (layer_N.json)"
     )
     parser.add_argument("--entropy", type=Path, help="mean entropy per caption: results.jsonl or {layer_N: [...]}")
-    parser.add_argument("--out", type=Path, required=True, help="folder for distribution.csv, figure.png, ...")
+    parser.add_argument("--out", type=Path, required=True, help="folder for distribution.csv, figure.png, ..."
+                        " (new or empty; a folder holding an earlier analysis needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the earlier analysis in --out whole (only once this one has succeeded)")
     grounding = parser.add_argument_group("grounding (grounding.csv, grounding.png, summary.json's `grounding`)")
     grounding.add_argument("--results", type=Path, help="the run's results.jsonl, for LABELS.json made from it")
     grounding.add_argument("--references", type=Path, help="reference captions: JSON lines {\"id\": ..., "
@@ -126,13 +132,30 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    inputs = [p for p in (args.labels, args.entropy, args.results, args.references) if p is not None]
+    try:
+        check_out(args.out, args.overwrite, inputs)
+    except OutputError as e:
+        raise BadFile(str(e)) from None
+    # Written beside --out, which it replaces whole once every file is there (services.cli.outputs).
+    with staged_run(args.out, "analyze") as tmp:
+        paths, what = _analyze_into(tmp, args)
+    names = ", ".join(str(args.out / p.relative_to(tmp)) for p in paths)
+    log.info(f"{what} written", extra={"files": names, "source": str(args.labels)})
+    return 0
+
+
+def _analyze_into(out: Path, args: argparse.Namespace) -> tuple[list[Path], str]:
+    """analyze's files, written into `out` -> (their paths, what they are)."""
     extra: dict = {"source": str(args.labels)}
     results_only = args.labels.suffix == ".jsonl" and not args.reference_format
-    grounding, grounding_paths = _grounding(args.labels if results_only else args.results, args)
+    grounding, grounding_paths = _grounding(args.labels if results_only else args.results, args, out)
     if grounding is not None:
         extra["grounding"] = grounding
     if results_only:
-        return _write_grounding_summary(args.out, extra, grounding_paths)
+        summary = out / "summary.json"
+        summary.write_text(json.dumps(extra, indent=1, allow_nan=False))
+        return [*grounding_paths, summary], "grounding"
     if args.reference_format:
         try:
             labels, unparsed = read_reference_labels(args.labels)
@@ -144,12 +167,10 @@ def _run_analyze(args: argparse.Namespace) -> int:
         labels, entropies = read_labels(args.labels)
     if args.entropy:
         entropies = read_entropies(args.entropy)
-    paths = write_report(analyze(labels, entropies), args.out, extra) + grounding_paths
-    log.info("analysis written", extra={"files": ", ".join(str(p) for p in paths), "source": extra["source"]})
-    return 0
+    return write_report(analyze(labels, entropies), out, extra) + grounding_paths, "analysis"
 
 
-def _grounding(results: Path | None, args: argparse.Namespace) -> tuple[dict | None, list[Path]]:
+def _grounding(results: Path | None, args: argparse.Namespace, out: Path) -> tuple[dict | None, list[Path]]:
     """The grounding block and files of a results.jsonl (None, [] without one, or when it has no grounding)."""
     if results is None:
         if args.references:
@@ -160,16 +181,8 @@ def _grounding(results: Path | None, args: argparse.Namespace) -> tuple[dict | N
         references = read_references(args.references) if args.references else None
     except (OSError, ValueError) as e:
         raise BadFile(str(e)) from None
-    block, paths = grounding_outputs(parsed, args.out, references, args.java_metrics)
+    block, paths = grounding_outputs(parsed, out, references, args.java_metrics)
     if block is None:
         print(f"note: {results} has no grounding fields (verbalized with --no-grounding?): no grounding outputs",
               file=sys.stderr)
     return block, paths
-
-
-def _write_grounding_summary(out: Path, extra: dict, paths: list[Path]) -> int:
-    out.mkdir(parents=True, exist_ok=True)
-    summary = out / "summary.json"
-    summary.write_text(json.dumps(extra, indent=1, allow_nan=False))
-    log.info("grounding written", extra={"files": ", ".join(str(p) for p in [*paths, summary])})
-    return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from latent_verbalizer.services.categorizer.models import CaptionLabels
+from latent_verbalizer.shared.artifacts import write_atomic
 from latent_verbalizer.shared.schemas import ImageResult
 
 _LAYER_KEY = re.compile(r"layer_(\d+)")
@@ -50,7 +51,8 @@ def load_layered(path: Path, item: type = object) -> dict[int, list]:
 
 
 def dump_layered(path: Path, layers: dict[int, list]) -> None:
-    Path(path).write_text(json.dumps({f"layer_{layer}": v for layer, v in sorted(layers.items())}))
+    """Write {"layer_N": [...]} whole or not at all (an earlier file stays until the new one is complete)."""
+    write_atomic(Path(path), json.dumps({f"layer_{layer}": v for layer, v in sorted(layers.items())}).encode())
 
 
 def read_captions(path: Path) -> CaptionFile:

@@ -4,6 +4,8 @@ categorized job (an image's captions per layer with their labels)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydantic import BaseModel, Field
 
 from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
@@ -41,3 +43,26 @@ class LabeledResult(ImageResult):
     """One line of a categorized job's results.jsonl."""
 
     layers: list[LabeledCaption] | None = None
+
+
+def with_labels(results: list[ImageResult], labels: Iterable[CaptionLabels]) -> list[LabeledResult]:
+    """The result lines with their captions' labels (`labels`: one per caption, in order)."""
+    it = iter(labels)
+    return [
+        LabeledResult(
+            **r.model_dump(exclude={"layers"}),
+            layers=None
+            if r.layers is None
+            else [
+                LabeledCaption(**c.model_dump(), phrases=(cl := next(it)).phrases, label_error=cl.error)
+                for c in r.layers
+            ],
+        )
+        for r in results
+    ]
+
+
+def unlabeled(results: list[ImageResult], reason: str) -> list[LabeledResult]:
+    """The result lines with every caption kept, unlabelled for `reason`."""
+    captions = (c.caption for r in results for c in r.layers or [])
+    return with_labels(results, (CaptionLabels(caption=c, error=reason) for c in captions))

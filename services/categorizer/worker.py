@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from latent_verbalizer.services.categorizer.models import CaptionLabels, LabeledCaption, LabeledResult
+from latent_verbalizer.services.categorizer.models import CaptionLabels, with_labels
 from latent_verbalizer.services.categorizer.stage import Backend, Labeler, categorize, make_labeler
 from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, run_chunk
 from latent_verbalizer.shared.jobs import JobRecord
@@ -36,20 +36,9 @@ def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     results = [ImageResult.model_validate_json(line) for line in ctx.store.read_lines(job.id, "captions", chunk)]
     captions = [c.caption for r in results for c in r.layers or []]
     backend = job.options.backend or ctx.settings.categorizer_backend
-    labels = iter(labels_or_reasons(captions, backend, extra={"job": job.id, "chunk": chunk}))
-    labeled = [
-        LabeledResult(
-            **r.model_dump(exclude={"layers"}),
-            layers=None
-            if r.layers is None
-            else [
-                LabeledCaption(**c.model_dump(), phrases=(cl := next(labels)).phrases, label_error=cl.error)
-                for c in r.layers
-            ],
-        )
-        for r in results
-    ]
-    ctx.store.write_lines(job.id, "labels", chunk, (r.model_dump_json(exclude_none=True) for r in labeled))
+    labels = labels_or_reasons(captions, backend, extra={"job": job.id, "chunk": chunk})
+    lines = (r.model_dump_json(exclude_none=True) for r in with_labels(results, labels))
+    ctx.store.write_lines(job.id, "labels", chunk, lines)
     return ChunkOutcome(images=len(results))
 
 

@@ -1,11 +1,12 @@
-"""A job's outputs, written by whichever task finished its last chunk: results.jsonl (every chunk's
-lines in chunk order), the summary and figures (the categorizer's analysis and report when the job was
-categorized; per-layer entropy, as summary.json and entropy.png, when it was not). Safe to run twice:
-every file is replaced whole.
+"""A job's outputs, written by whichever task finished its last chunk (or the job's finish task):
+results.jsonl (every chunk's lines in chunk order), the summary and figures (the categorizer's analysis
+and report when the job was categorized; per-layer entropy, as summary.json and entropy.png, when it was
+not). Safe to run twice: every file is replaced whole.
 
-Labelling never loses captions: captions whose labelling failed are in results.jsonl with their
-`label_error`, and the job succeeds with a warning saying how many; should the labels' report itself
-fail, the entropy summary stands in for it, with a warning.
+Images that failed (unreadable, or their chunk lost) are in results.jsonl with their `error`, and the
+job's warnings name them. Labelling never loses captions: captions whose labelling failed are in
+results.jsonl with their `label_error`, and the job succeeds with a warning saying how many; should the
+labels' report itself fail, the entropy summary stands in for it, with a warning.
 
 The report modules are imported inside the functions: matplotlib and the analysis load only in the
 process that finishes a job."""
@@ -26,6 +27,8 @@ from latent_verbalizer.shared.jobs import JobRecord
 from latent_verbalizer.shared.schemas import ImageResult
 
 log = logging.getLogger(__name__)
+
+NAMED_FAILURES = 20  # failed images a job's warning names; the results name every one
 
 
 @dataclass
@@ -55,6 +58,8 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
     if grounding is not None:
         extra["grounding"] = grounding
     outputs = Outputs()
+    if failed := [r for r in results if r.get("error")]:
+        outputs.warnings.append(failed_images_warning(failed, len(results)))
     if job.options.categorize:
         files = _categorized_report(captioned, staging, extra, outputs.warnings)
     else:
@@ -62,6 +67,14 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
     store.publish(job.id, files + grounding_files)
     shutil.rmtree(staging, ignore_errors=True)
     return outputs
+
+
+def failed_images_warning(failed: Sequence[dict], total: int, named: int = NAMED_FAILURES) -> str:
+    """Which images failed and why: the first `named` by id, with a count of the rest."""
+    listed = "; ".join(f"{r['id']} ({r['error']})" for r in failed[:named])
+    rest = f"; and {len(failed) - named} more" if len(failed) > named else ""
+    return (f"{len(failed)} of {total} images failed: {listed}{rest} (each one's line in the results has its"
+            " `error`)")
 
 
 def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict, warnings: list[str]) -> list[Path]:

@@ -8,7 +8,9 @@
        stage finishes the job (services.chain.finish writes results.jsonl, summary, figures).
 
 A ValueError from the work is bad input no retry can fix: the job fails at once with its message.
-Any other exception propagates to RQ, which retries the task with backoff (shared.queue).
+Any other exception propagates to RQ, which retries the task with backoff (shared.queue). A task out of
+retries (it kept failing, or its worker was lost each time) loses its chunk (services.chain.lost): the
+job goes on to its end without the chunk's images, and if that chunk was its last, `finish_task` ends it.
 """
 
 from __future__ import annotations
@@ -19,24 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-import redis
-
+from latent_verbalizer.services.chain.context import Context
 from latent_verbalizer.services.chain.finish import write_outputs
 from latent_verbalizer.shared.artifacts import ArtifactStore
-from latent_verbalizer.shared.jobs import JobRecord, JobStatus, JobStore
+from latent_verbalizer.shared.jobs import ACTIVE, JobRecord, JobStatus, JobStore
 from latent_verbalizer.shared.models import LoadedModel
 from latent_verbalizer.shared.queue import connect, enqueue, fail_job
-from latent_verbalizer.shared.settings import Settings, get_settings
+from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Context:
-    settings: Settings
-    client: redis.Redis
-    jobs: JobStore
-    store: ArtifactStore
 
 
 @lru_cache
@@ -103,3 +96,10 @@ def finish_job(ctx: Context, job: JobRecord) -> None:
             log.warning("job succeeded with warnings", extra={"job": job.id, "warnings": outputs.warnings})
         if not ctx.settings.keep_artifacts:
             ctx.store.delete_intermediates(job.id)
+
+
+def finish_task(job_id: str) -> None:
+    """RQ task: end a job whose last chunk was lost (services.chain.lost)."""
+    ctx = context()
+    if (job := ctx.jobs.get(job_id)) is not None and job.status in ACTIVE:
+        finish_job(ctx, job)

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("services.demo.cli", "offline main job: sample scenes -> every layer's caption -> report"),
     "categorize": ("services.categorizer.cli", "label every caption's phrases with the taxonomy (embedded or LLM)"),
     "analyze": ("services.categorizer.cli", "per-layer class distribution, figure and summary of labelled captions"),
+    "compare": ("services.categorizer.compare", "two or more runs side by side: distributions, grounding, ladders"),
     # --- the service (issue 5) ---
     "serve": ("services.cli.serve", "the whole service on this machine: redis, gateway, encoder/decoder/categorizer"),
     "gateway": ("services.gateway.cli", "the HTTP gateway alone"),

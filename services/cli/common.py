@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 from pydantic import ValidationError
 
-from latent_verbalizer.shared.models import LoadedModel, load_model
+from latent_verbalizer.shared.models import LoadedModel, config_layers, load_model
 from latent_verbalizer.shared.pretrained import DEMO_NOTE, NO_WEIGHTS, RULE, resolve_pretrained
 from latent_verbalizer.shared.schemas import DecodeParams
 from latent_verbalizer.shared.settings import get_settings
@@ -65,15 +66,51 @@ def decode_params_from_args(args: argparse.Namespace) -> DecodeParams:
         raise ValueError(f"bad decoding option{' ' + where if where else ''}: {first['msg']}") from e
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """'0,5,23' -> [0, 5, 23]; '0-3' ranges allowed; None / 'all' -> every layer."""
-    if text is None or text == "all":
+# One layer-list syntax and its messages, the viewer's (services/gateway/static/form.js, parseLayers).
+_RANGE = re.compile(r"^(-?\d+)\s*(?:-|–|\.\.)\s*(-?\d+)$")
+
+
+def parse_layers(text: str | None, n: int | None = None) -> list[int] | None:
+    """'0-3, 8, -1' -> [0, 1, 2, 3, 8, -1]; None / 'all' -> None (every layer). With `n`, the model's
+    number of layers, every layer must exist and none repeat. ValueError with the viewer's message."""
+    if text is None or text.strip().lower() == "all":
         return None
-    out: list[int] = []
-    for part in text.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if dash and lo:
-            out += range(int(lo), int(hi) + 1)
+    tokens = [t for t in re.split(r"[\s,;]+", text.strip()) if t]
+    if not tokens:
+        raise ValueError("No layers given: layer numbers and ranges (0-2, -1) or all.")
+    layers: list[int] = []
+    for token in tokens:
+        if m := _RANGE.match(token):
+            a, b = int(m[1]), int(m[2])
+            if b < a:
+                raise ValueError(f"Range {token} goes backwards.")
+            layers += range(a, b + 1)
+        elif re.fullmatch(r"-?\d+", token):
+            layers.append(int(token))
         else:
-            out.append(int(part))
-    return out
+            raise ValueError(f"“{token}” is not a layer number or range.")
+    if n:
+        if bad := [i for i in layers if not -n <= i < n]:
+            raise ValueError(f"No layer {', '.join(map(str, bad))}: this model has layers 0–{n - 1}.")
+        if len({i % n for i in layers}) != len(layers):
+            raise ValueError("A layer is listed twice.")
+    return layers
+
+
+def layers_from_args(args: argparse.Namespace) -> list[int] | None:
+    """--layers, checked against the model's depth where its config tells it (before the model loads)."""
+    try:
+        return parse_layers(args.layers, config_layers(args.model))
+    except ValueError as e:
+        raise ValueError(f"--layers {args.layers}: {e}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a count or size: a whole number above 0, else the flag is refused up front."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {value}")
+    return value

@@ -27,10 +27,13 @@ from latent_verbalizer.services.cli.common import (
     add_decode_args,
     add_model_args,
     decode_params_from_args,
+    layers_from_args,
     model_from_args,
-    parse_layers,
+    positive_int,
 )
+from latent_verbalizer.services.cli.outputs import check_out, staged_run
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
+from latent_verbalizer.services.encoder.stage import check_layers
 from latent_verbalizer.services.pipeline import verbalize
 from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
 from latent_verbalizer.shared.models import LoadedModel, ModelError
@@ -44,15 +47,19 @@ log = logging.getLogger("verbalize")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories, webdataset .tar shards")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--layers", default=None, help="vision blocks to caption, e.g. 0,5,23 or 0-11 (default all)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output directory (new or empty; a folder holding an earlier run needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out whole (only once this run has succeeded)")
+    p.add_argument("--layers", default=None,
+                   help="vision blocks to caption, e.g. 0,5,-1 or 0-11 (negative: from the end; default all)")
     add_model_args(p)
     add_decode_args(p)
     g = p.add_argument_group("batching and memory")
-    g.add_argument("--batch-size", type=int, default=s.encode_batch, help="images per vision forward")
-    g.add_argument("--decode-batch", type=int, default=s.decode_batch,
+    g.add_argument("--batch-size", type=positive_int, default=s.encode_batch, help="images per vision forward")
+    g.add_argument("--decode-batch", type=positive_int, default=s.decode_batch,
                    help="caption rows (images x layers) decoded together")
-    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    g.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--save-features", action="store_true",
                    help="also save each image's raw per-block outputs to DIR/features/<id>.safetensors")
     p.add_argument("--attributions", action="store_true",
@@ -75,25 +82,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         params = decode_params_from_args(args)
-        layers = parse_layers(args.layers)
+        layers = layers_from_args(args)
         check_inputs(args.paths)
         items = iter_items(args.paths)
         if args.gallery < 2:
             raise ValueError(f"--gallery {args.gallery}: a gallery needs at least 2 images")
         regions = regions_from_args(args)
+        check_out(args.out, args.overwrite, args.paths)
         lm = model_from_args(args)
+        check_layers(lm.model.visual, layers)
         check_coverable(regions, lm.model.visual.image_size, lm.model.visual.patch_size)
     except (ModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Everything is written into a folder beside --out that replaces it only when the run has succeeded.
     try:
-        n_ok, n_err = write_run(lm, items, args.out, layers, params, batch_size=args.batch_size,
-                                decode_batch=args.decode_batch, max_pixels=args.max_pixels,
-                                save_features=args.save_features, grounding=args.grounding, gallery=args.gallery,
-                                attributions=args.attributions, regions=regions)
+        with staged_run(args.out, "verbalize") as tmp:
+            n_ok, n_err = write_run(lm, items, tmp, layers, params, batch_size=args.batch_size,
+                                    decode_batch=args.decode_batch, max_pixels=args.max_pixels,
+                                    save_features=args.save_features, grounding=args.grounding,
+                                    gallery=args.gallery, attributions=args.attributions, regions=regions)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}; {args.out} is as it was", file=sys.stderr)
         return 2
+    log.info("written", extra={"out": str(args.out)})
     return 0 if n_ok or not n_err else 1
 
 
@@ -165,6 +177,5 @@ def write_run(
     if embeddings is not None and embeddings.ids:
         rewrite_with_ranks(out / "results.jsonl", embeddings.ranks(gallery))
         write_prior(out / "prior.json", embeddings.null_captions)
-    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2),
-                            "out": str(out)})
+    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2)})
     return n_ok, n_err

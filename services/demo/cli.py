@@ -18,19 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from latent_verbalizer.services.categorizer.analysis import Analysis, analyze
 from latent_verbalizer.services.categorizer.files import write_labels
 from latent_verbalizer.services.categorizer.report import write_report
 from latent_verbalizer.services.categorizer.stage import categorize_layers, make_labeler
-from latent_verbalizer.services.cli.common import add_model_args, model_from_args
+from latent_verbalizer.services.cli.common import add_model_args, model_from_args, positive_int
+from latent_verbalizer.services.cli.outputs import OutputError, check_out, staged_run
 from latent_verbalizer.services.cli.verbalize import write_run
 from latent_verbalizer.services.demo.evaluate import layer_shares
 from latent_verbalizer.services.demo.synth import MANIFEST, Scene, read_manifest, write_dataset
 from latent_verbalizer.shared.grounding import grounding_outputs, read_references, read_results
-from latent_verbalizer.shared.images import iter_items
-from latent_verbalizer.shared.models import ModelError
+from latent_verbalizer.shared.images import ImageItem, iter_items
+from latent_verbalizer.shared.models import LoadedModel, ModelError
 from latent_verbalizer.shared.schemas import ImageResult
 
 DEMO_SEED = 7  # not a training seed (0, 1 of the CoCa demo; 10, 11 of the LLaVA demo)
@@ -38,39 +40,25 @@ TOP_CLASSES = 3  # dominant classes shown per layer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--n", type=int, default=8, help="number of sample scenes")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="output directory (new or empty; a folder holding an earlier run needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out whole (only once this run has succeeded)")
+    p.add_argument("--n", type=positive_int, default=8, help="number of sample scenes")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help="scene seed")
     add_model_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    images = args.out / "images"
-    manifest = write_dataset(images, args.n, args.seed)
-    truth = {Path(m["file"]).stem: Scene.from_dict(m) for m in read_manifest(manifest)}
     try:
+        check_out(args.out, args.overwrite)
         lm = model_from_args(args)
-    except ModelError as e:
+    except (ModelError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_run(lm, iter_items([images]), args.out)
-    results = read_results(args.out / "results.jsonl")
-
-    captioned = [r for r in results if r.layers]
-    ids = {c.layer: [r.id for r in captioned] for c in captioned[0].layers} if captioned else {}
-    captions = {layer: [c.caption for r in captioned for c in r.layers if c.layer == layer] for layer in ids}
-    entropies = {layer: [c.mean_entropy for r in captioned for c in r.layers if c.layer == layer] for layer in ids}
-    labels = categorize_layers(captions, make_labeler("embedded"))
-    write_labels(args.out / "labels.json", labels, ids, entropies)
-
-    analysis = analyze(labels, entropies)
-    grounding, _ = grounding_outputs(results, args.out, read_references(images / MANIFEST))
-    model = f"{lm.name}/{lm.pretrained}"
-    write_report(analysis, args.out, {"model": model, "images": len(results),
-                                      **({"grounding": grounding} if grounding else {})})
-    rows = layer_rows(analysis, grounding, layer_shares(results, truth))
-    write_demo_report(args.out, rows, results, truth, model)
-
+    # The run is written beside --out and replaces it only when complete (services.cli.outputs).
+    with staged_run(args.out, "demo") as tmp:
+        model, results, truth, rows = _write_demo(lm, args, tmp)
     for r in results:
         last = r.layers[-1].caption if r.layers else f"error: {r.error}"
         print(f"{r.id}\n  truth:      {truth[r.id].caption}\n  last layer: {last}")
@@ -79,6 +67,40 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nfigure (classes per layer): {args.out / 'figure.png'}\n"
           f"grounding curves: {args.out / 'grounding.png'}   report: {args.out / 'report.md'}")
     return 0
+
+
+def _write_demo(lm: LoadedModel, args: argparse.Namespace, out: Path
+                ) -> tuple[str, list[ImageResult], dict[str, Scene], list[dict]]:
+    """The demo's files, written into `out` (the staging folder of args.out); results name the scenes
+    where they will be, under args.out."""
+    images = out / "images"
+    manifest = write_dataset(images, args.n, args.seed)
+    truth = {Path(m["file"]).stem: Scene.from_dict(m) for m in read_manifest(manifest)}
+    write_run(lm, _relocated(iter_items([images]), out, args.out), out)
+    results = read_results(out / "results.jsonl")
+
+    captioned = [r for r in results if r.layers]
+    ids = {c.layer: [r.id for r in captioned] for c in captioned[0].layers} if captioned else {}
+    captions = {layer: [c.caption for r in captioned for c in r.layers if c.layer == layer] for layer in ids}
+    entropies = {layer: [c.mean_entropy for r in captioned for c in r.layers if c.layer == layer] for layer in ids}
+    labels = categorize_layers(captions, make_labeler("embedded"))
+    write_labels(out / "labels.json", labels, ids, entropies)
+
+    analysis = analyze(labels, entropies)
+    grounding, _ = grounding_outputs(results, out, read_references(images / MANIFEST))
+    model = f"{lm.name}/{lm.pretrained}"
+    write_report(analysis, out, {"model": model, "images": len(results),
+                                 **({"grounding": grounding} if grounding else {})})
+    rows = layer_rows(analysis, grounding, layer_shares(results, truth))
+    write_demo_report(out, rows, results, truth, model)
+    return model, results, truth, rows
+
+
+def _relocated(items: Iterable[ImageItem], staging: Path, out: Path) -> Iterator[ImageItem]:
+    """Items read from the staging folder, with the source they will have once it becomes `out`."""
+    for item in items:
+        item.source = str(out / Path(item.source).relative_to(staging))
+        yield item
 
 
 def layer_rows(analysis: Analysis, grounding: dict | None, accuracy: list[dict]) -> list[dict]:

@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
+from latent_verbalizer.services.chain.context import Context
 from latent_verbalizer.services.gateway.backends import LLMProbe
 from latent_verbalizer.services.gateway.deps import Gateway, require_api_key
 from latent_verbalizer.services.gateway.housekeeper import Housekeeper
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         llm = LLMProbe(settings.llm_url, settings.llm_model, settings.llm_api_key) if settings.llm_url else None
         app.state.gateway = Gateway(settings, client, job_store, artifacts, model, llm)
         app.state.metrics = registry(client, settings.redis_prefix)
-        housekeeper = Housekeeper(client, job_store, artifacts, settings.job_ttl_s, settings.redis_prefix)
+        housekeeper = Housekeeper(Context(settings, client, job_store, artifacts))
         housekeeper.start()
         log.info("gateway ready", extra={"redis": redis_url(settings), "prefix": settings.redis_prefix,
                                          "artifacts": str(settings.artifact_dir)})

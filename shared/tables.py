@@ -1,0 +1,52 @@
+"""Flat tables of a run's captions: one row per image x layer (and per region x layer), the shape a
+spreadsheet, pandas or SQL reads. `captions.csv` beside results.jsonl, `Run.to_pandas()` and `compare`
+all come from `caption_rows`. No torch here: the gateway and the comparison read results files only.
+
+Columns: id, source, region (empty for the whole image), layer, caption, then every scalar field a
+caption carries (mean_entropy and the grounding measures: image_score, retrieval_rank, gallery_size, prior,
+prior_overlap, last_layer_similarity, and any later ones), in `LayerCaption`'s field order. Per-token lists
+(tokens, entropy, ...) stay in results.jsonl."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator, Mapping
+
+from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
+
+KEYS = ["id", "source", "region", "layer", "caption"]
+
+
+def _scalar_fields() -> list[str]:
+    """LayerCaption's fields that hold one value per caption (not layer/caption, not per-token lists)."""
+    out = []
+    for name, field in LayerCaption.model_fields.items():
+        if name in KEYS or "list" in str(field.annotation):
+            continue
+        out.append(name)
+    return out
+
+
+COLUMNS = KEYS + _scalar_fields()
+
+
+def caption_rows(results: Iterable[ImageResult | Mapping]) -> Iterator[dict]:
+    """Every caption of every result that has captions, as a flat row (COLUMNS; None where a measure is off)."""
+    measures = COLUMNS[len(KEYS):]
+    for result in results:
+        r = result if isinstance(result, ImageResult) else ImageResult.model_validate(result)
+        parts = [("", r.layers or [])] + [(region.region.label, region.layers) for region in r.regions or []]
+        for region, captions in parts:
+            for c in captions:
+                yield {"id": r.id, "source": r.source, "region": region, "layer": c.layer, "caption": c.caption,
+                       **{name: getattr(c, name) for name in measures}}
+
+
+def captions_csv(results: Iterable[ImageResult | Mapping]) -> str:
+    """captions.csv's text: a header of COLUMNS and one line per caption (empty cells where a measure is off)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(caption_rows(results))
+    return buffer.getvalue()
