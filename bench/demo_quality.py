@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parse_scene_args, scene_parser  # noqa: E402
 from latent_verbalizer.services.demo.evaluate import layer_shares, scene_items  # noqa: E402
+from latent_verbalizer.services.families import load_family  # noqa: E402
 from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
-from latent_verbalizer.shared.models import load_model  # noqa: E402
 
 
 def main() -> int:
     args = parse_scene_args(scene_parser(__doc__.splitlines()[0], seed=2024))
-    lm = load_model(args.model, args.pretrained, args.device)
+    lm = load_family(args.model, args.pretrained, args.device)
     items, truth = scene_items(args.seed, args.n)
     t0 = time.perf_counter()
     results = list(verbalize(lm, items))

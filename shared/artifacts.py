@@ -100,12 +100,13 @@ class ArtifactStore:
         with safe_open(self._chunk(job_id, "latents", chunk, ".safetensors"), "numpy") as f:
             return json.loads(f.metadata()["info"])
 
-    # --- other per-chunk tensors (image_embeddings | region_latents | pool_attention | grounding): fp16 + JSON info ---
+    # --- other per-chunk tensors (parts of services.families.base.Encoded | grounding): fp16, masks bool ---
 
     def write_tensors(self, job_id: str, kind: str, chunk: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
         from safetensors.torch import save
 
-        tensors = {k: v.detach().to("cpu").half().contiguous() for k, v in tensors.items()}
+        tensors = {k: (v.half() if v.is_floating_point() else v).detach().to("cpu").contiguous()
+                   for k, v in tensors.items()}
         write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"),
                      save(tensors, metadata={"info": json.dumps(info)}))
 

@@ -19,7 +19,9 @@ class DecodeParams(BaseModel):
 
     strategy: Strategy = "greedy"
     seq_len: int = Field(30, ge=2, le=77, description="max tokens per caption, start and end token included")
-    min_seq_len: int = Field(5, ge=1, description="the end token is blocked while fewer tokens are present")
+    min_seq_len: int | None = Field(None, ge=1, description="the end token is blocked while fewer tokens are present;"
+                                    " unset: the model's own default (5 for CoCa, as open_clip's generate; none for"
+                                    " LLaVA and BLIP, as transformers' generate)")
     temperature: float = Field(1.0, gt=0, description="sample: softmax temperature (after top-k/top-p)")
     top_k: int | None = Field(None, ge=1, description="sample: keep the k most likely tokens")
     top_p: float | None = Field(None, gt=0, le=1, description="sample: keep the smallest set reaching p")
@@ -30,7 +32,7 @@ class DecodeParams(BaseModel):
 
     @model_validator(mode="after")
     def _lengths(self) -> DecodeParams:
-        if self.min_seq_len >= self.seq_len:
+        if self.min_seq_len is not None and self.min_seq_len >= self.seq_len:
             raise ValueError(f"min_seq_len ({self.min_seq_len}) must be smaller than seq_len ({self.seq_len})")
         return self
 

@@ -21,7 +21,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LV_", extra="ignore")
 
     # --- model (encoder and decoder stages) ---
-    model: str = Field(DEMO_MODEL, description="open_clip CoCa architecture name")
+    model: str = Field(DEMO_MODEL, description="an open_clip CoCa name, a project model (coca_synth_demo,"
+                                               " llava_synth_demo), a Hugging Face id org/name or a directory"
+                                               " written by save_pretrained (services.families.naming)")
+    family: str | None = Field(None, description="coca | llava | blip: forces the model's family; unset: from the"
+                                                 " name (a directory's config.json model_type)")
+    prompt: str | None = Field(None, description="LLaVA's captioning prompt / BLIP's text prefix; unset: the"
+                                                 " family's default (CoCa takes none)")
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag, project tag, checkpoint file path, or 'none' (random weights);"
                           " unset: the model's own default (shared.pretrained)"

@@ -105,7 +105,7 @@ def test_asks_for_the_api_key_then_fills_in_the_server_defaults(browser, stack):
     # The options panel holds the server's defaults (GET /v1/options) and the model's bounds.
     page.click("#options-panel > summary")
     expect(page.locator("#opt-seq_len")).to_have_value("30")
-    expect(page.locator("#opt-min_seq_len")).to_have_value("5")
+    expect(page.locator("#opt-min_seq_len")).to_have_value("")  # blank: the model's own default
     expect(page.locator("#opt-strategy")).to_have_value("greedy")
     expect(page.locator("#opt-categorize")).to_be_checked()
     expect(page.locator("#opt-backend")).to_have_value("embedded")

@@ -52,6 +52,8 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
         return Outputs(failure=f"no image could be captioned ({len(results)} tried): {first}")
     staging = store.staging(job.id)
     extra = {"job": job.id, "images": len(results), "failed_images": len(results) - len(captioned)}
+    if (model := store.output(job.id, "model.json")).is_file():  # the decoder's family, model, prompt, extras
+        extra["model"] = json.loads(model.read_text())
     if job.options.regions:  # each result line has these regions' captions (`regions`)
         extra["regions"] = [r.model_dump() for r in job.options.regions]
     grounding, grounding_files = grounding_outputs(captioned, staging)  # grounding.csv/png; none when it was off

@@ -8,7 +8,8 @@ import re
 
 from pydantic import ValidationError
 
-from latent_verbalizer.shared.models import LoadedModel, config_layers, load_model
+from latent_verbalizer.services.families import FAMILIES, Family, load_family, resolve
+from latent_verbalizer.services.families.naming import config_layers
 from latent_verbalizer.shared.pretrained import DEMO_NOTE, NO_WEIGHTS, RULE, resolve_pretrained
 from latent_verbalizer.shared.schemas import DecodeParams
 from latent_verbalizer.shared.settings import get_settings
@@ -20,19 +21,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=s.model,
-                   help=f"open_clip CoCa architecture (default {s.model}: {DEMO_NOTE})")
+                   help="an open_clip CoCa name, a project model (coca_synth_demo, llava_synth_demo), a Hugging Face"
+                        f" id org/name or a save_pretrained directory (default {s.model}: {DEMO_NOTE})")
+    g.add_argument("--family", default=s.family, choices=FAMILIES,
+                   help="force the model's family (default: from the name; a directory's config.json model_type)")
     g.add_argument("--pretrained", default=s.pretrained,
-                   help="open_clip tag, project tag or checkpoint file; 'none' for random weights"
+                   help="CoCa only: open_clip tag, project tag or checkpoint file; 'none' for random weights"
                         f" ({'default ' + s.pretrained if s.pretrained else RULE})")
+    g.add_argument("--prompt", default=s.prompt,
+                   help="LLaVA: the captioning prompt (default: a short one); BLIP: a text prefix the caption"
+                        " continues (default none); CoCa takes none. Recorded in the run's summary")
     g.add_argument("--device", default=s.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
     g.add_argument("--dtype", default=s.dtype, choices=["fp32", "bf16", "fp16"])
 
 
-def model_from_args(args: argparse.Namespace) -> LoadedModel:
-    pretrained = resolve_pretrained(args.model, args.pretrained)
-    log.info("weights", extra={"model": args.model, "pretrained": pretrained or NO_WEIGHTS,
-                               "chosen": "given" if args.pretrained is not None else "the model's default"})
-    return load_model(args.model, pretrained, args.device, args.dtype, cache_dir=get_settings().model_cache)
+def model_from_args(args: argparse.Namespace) -> Family:
+    """The model the flags name (FamilyError, a ValueError, when it cannot be used as asked)."""
+    pretrained = args.pretrained
+    if resolve(args.model, args.family).family == "coca":  # CoCa's weights: given, or the model's default
+        pretrained = resolve_pretrained(args.model, args.pretrained)
+        log.info("weights", extra={"model": args.model, "pretrained": pretrained or NO_WEIGHTS,
+                                   "chosen": "given" if args.pretrained is not None else "the model's default"})
+    return load_family(args.model, pretrained, args.device, args.dtype, family=args.family, prompt=args.prompt,
+                       cache_dir=get_settings().model_cache)
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -100,7 +111,7 @@ def parse_layers(text: str | None, n: int | None = None) -> list[int] | None:
 def layers_from_args(args: argparse.Namespace) -> list[int] | None:
     """--layers, checked against the model's depth where its config tells it (before the model loads)."""
     try:
-        return parse_layers(args.layers, config_layers(args.model))
+        return parse_layers(args.layers, config_layers(args.model, args.family))
     except ValueError as e:
         raise ValueError(f"--layers {args.layers}: {e}") from None
 

@@ -1,7 +1,9 @@
 """`latent-verbalizer verbalize PATH... --out DIR`: the embedded pipeline, one process, no Redis.
 
 Writes DIR/results.jsonl (one ImageResult per input image, in input order, streamed as it goes) and
-DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}).
+DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}) and
+DIR/run.json (the run's summary: the model's family, name, weights, prompt, layers and extras, with
+notes on what a family lacks, and the decoding parameters).
 With grounding (the default; --no-grounding turns it off) every caption carries its grounding
 measures; once the last image is done results.jsonl is rewritten with the retrieval ranks, and
 DIR/prior.json holds the gray image's caption per layer ({"layer_<i>": caption}). With --attributions,
@@ -33,12 +35,12 @@ from latent_verbalizer.services.cli.common import (
 )
 from latent_verbalizer.services.cli.outputs import check_out, staged_run
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
-from latent_verbalizer.services.encoder.stage import check_layers
+from latent_verbalizer.services.families import Family
 from latent_verbalizer.services.pipeline import verbalize
 from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
-from latent_verbalizer.shared.models import LoadedModel, ModelError
+from latent_verbalizer.shared.models import ModelError
 from latent_verbalizer.shared.regions import Region, check_coverable, parse_regions
-from latent_verbalizer.shared.schemas import DecodeParams, ImageResult
+from latent_verbalizer.shared.schemas import DecodeParams, ImageResult, resolve_layers
 from latent_verbalizer.shared.settings import get_settings
 
 log = logging.getLogger("verbalize")
@@ -89,16 +91,20 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--gallery {args.gallery}: a gallery needs at least 2 images")
         regions = regions_from_args(args)
         check_out(args.out, args.overwrite, args.paths)
-        lm = model_from_args(args)
-        check_layers(lm.model.visual, layers)
-        check_coverable(regions, lm.model.visual.image_size, lm.model.visual.patch_size)
+        family = model_from_args(args)
+        resolve_layers(layers, family.num_layers)
+        if regions:
+            family.require("regions")
+            check_coverable(regions, family.geometry.image_size, family.geometry.patch_size)
+        if args.attributions:
+            family.require("attributions")
     except (ModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Everything is written into a folder beside --out that replaces it only when the run has succeeded.
     try:
         with staged_run(args.out, "verbalize") as tmp:
-            n_ok, n_err = write_run(lm, items, tmp, layers, params, batch_size=args.batch_size,
+            n_ok, n_err = write_run(family, items, tmp, layers, params, batch_size=args.batch_size,
                                     decode_batch=args.decode_batch, max_pixels=args.max_pixels,
                                     save_features=args.save_features, grounding=args.grounding,
                                     gallery=args.gallery, attributions=args.attributions, regions=regions)
@@ -131,7 +137,7 @@ def _region_rows(result: ImageResult) -> Iterator[list]:
 
 
 def write_run(
-    lm: LoadedModel,
+    family: Family,
     items: Iterable[ImageItem],
     out: Path,
     layers: list[int] | None = None,
@@ -154,7 +160,7 @@ def write_run(
     n_ok = n_err = 0
     t0 = time.perf_counter()
     embeddings = RunEmbeddings() if grounding else None
-    results = verbalize(lm, items, layers, params, batch_size, decode_batch,
+    results = verbalize(family, items, layers, params, batch_size, decode_batch,
                         out / "features" if save_features else None, max_pixels, embeddings,
                         out / "attributions" if attributions else None, regions)
     with ExitStack() as files:
@@ -174,6 +180,8 @@ def write_run(
             for c in r.layers:
                 captions.setdefault(f"layer_{c.layer}", []).append(c.caption)
     (out / "captions.json").write_text(json.dumps(captions, indent=1))
+    run = {**family.describe(), "selected_layers": layers, "decode": params.model_dump(), "grounding": grounding}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
     if embeddings is not None and embeddings.ids:
         rewrite_with_ranks(out / "results.jsonl", embeddings.ranks(gallery))
         write_prior(out / "prior.json", embeddings.null_captions)

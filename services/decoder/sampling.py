@@ -23,11 +23,11 @@ def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1) / math.log(2)
 
 
-def block_end_token(scores: torch.Tensor, cur_len: int, min_seq_len: int, eot_id: int) -> torch.Tensor:
+def block_end_token(scores: torch.Tensor, cur_len: int, min_seq_len: int, end_ids: tuple[int, ...]) -> torch.Tensor:
     """Like transformers' MinLengthLogitsProcessor: no end token while fewer than min_seq_len
-    tokens (start token included) are present."""
+    tokens (start slot included) are present."""
     if cur_len < min_seq_len:
-        scores[:, eot_id] = -math.inf
+        scores[:, list(end_ids)] = -math.inf
     return scores
 
 

@@ -30,9 +30,10 @@ from latent_verbalizer.services.cli.outputs import OutputError, check_out, stage
 from latent_verbalizer.services.cli.verbalize import write_run
 from latent_verbalizer.services.demo.evaluate import layer_shares
 from latent_verbalizer.services.demo.synth import MANIFEST, Scene, read_manifest, write_dataset
+from latent_verbalizer.services.families import Family
 from latent_verbalizer.shared.grounding import grounding_outputs, read_references, read_results
 from latent_verbalizer.shared.images import ImageItem, iter_items
-from latent_verbalizer.shared.models import LoadedModel, ModelError
+from latent_verbalizer.shared.models import ModelError
 from latent_verbalizer.shared.schemas import ImageResult
 
 DEMO_SEED = 7  # not a training seed (0, 1 of the CoCa demo; 10, 11 of the LLaVA demo)
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_demo(lm: LoadedModel, args: argparse.Namespace, out: Path
+def _write_demo(lm: Family, args: argparse.Namespace, out: Path
                 ) -> tuple[str, list[ImageResult], dict[str, Scene], list[dict]]:
     """The demo's files, written into `out` (the staging folder of args.out); results name the scenes
     where they will be, under args.out."""

@@ -139,13 +139,19 @@ class Deleted(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    pretrained: str | None = Field(description="the weights the workers load (shared.pretrained's rule); null: random")
+    family: str | None = Field(None, description="coca | llava | blip (services.families); null when unknown here")
+    pretrained: str | None = Field(description="CoCa's weights the workers load (shared.pretrained's rule); null:"
+                                               " random, or a family whose weights come with the model")
+    prompt: str | None = Field(None, description="LLaVA's captioning prompt / BLIP's text prefix as set (LV_PROMPT);"
+                                                 " null: the family's default")
     note: str | None = Field(None, description="what a user should know about this model (e.g. the demo model's scope)")
     layers: int | None = Field(description="vision blocks (captionable layers); null when the config is unknown")
     max_seq_len: int | None = Field(description="longest caption the text tower allows, start token included")
     image_size: list[int] | None = Field(None, description="the vision tower's input height, width (px)")
     patch_size: list[int] | None = Field(None, description="its patches' height, width (px): the grid regions and"
                                                            " attributions are in")
+    extras: dict[str, str | None] = Field(default_factory=dict, description="contrastive | regions | attributions"
+                                          " -> null when the model has it, else why not")
 
 
 class Limits(BaseModel):

@@ -125,6 +125,11 @@ def _checked_options(options: JobOptions, gw: Gateway) -> JobOptions:
     if max_len is not None and options.decode.seq_len > max_len:
         raise FieldError(422, f"bad options at decode.seq_len: {gw.model.name} allows at most {max_len}",
                          "options.decode.seq_len")
+    for wanted, extra, field in ((options.regions, "regions", "options.regions"),
+                                 (options.attributions, "attributions", "options.attributions")):
+        if wanted and (why := gw.model.extras.get(extra)):
+            raise FieldError(422, f"bad options at {field[8:]}: {gw.model.family} model {gw.model.name} has no"
+                                  f" {extra}: {why}", field)
     if options.regions and gw.model.image_size and gw.model.patch_size:
         try:
             check_coverable(options.regions, gw.model.image_size, gw.model.patch_size)

@@ -7,7 +7,7 @@ const DECODE_FIELDS = [
   "seq_len", "min_seq_len", "repetition_penalty", "temperature", "top_k", "top_p", "seed", "num_beams",
   "length_penalty",
 ];
-const NULLABLE = new Set(["top_k", "top_p"]);
+const NULLABLE = new Set(["top_k", "top_p", "min_seq_len"]);  // blank: null (min_seq_len: the model's default)
 
 export class SubmitForm {
   constructor(root) {
