@@ -33,10 +33,6 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 PROJECT_WEIGHTS: dict[tuple[str, str], Path] = {
     ("coca_synth_demo", "synth-v2"): WEIGHTS_DIR / "coca_synth_demo-synth-v2.safetensors",
 }
-# Project models shipped as save_pretrained directories (transformers families): name -> directory.
-PROJECT_DIRS: dict[str, Path] = {
-    "llava_synth_demo": WEIGHTS_DIR / "llava_synth_demo",
-}
 RANDOM_INIT_SEED = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # open_clip's mixed "bf16"/"fp16" leave CoCa's pooler queries and decoder projection in fp32 and its

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +20,11 @@ from latent_verbalizer.services.demo.llava_model import build_processor, clip_vi
 from latent_verbalizer.services.demo.synth import Scene, SceneObject, render, scenes
 from latent_verbalizer.services.demo.train_llava import LlavaTrainConfig, train
 from latent_verbalizer.services.encoder.stage import capture_blocks
-from latent_verbalizer.shared.models import PROJECT_DIRS, load_model
+from latent_verbalizer.services.families.naming import PROJECT_MODELS
+from latent_verbalizer.shared.models import load_model
 from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED, LLAVA_DEMO_MODEL
 
-SHIPPED = PROJECT_DIRS[LLAVA_DEMO_MODEL]
+SHIPPED = Path(PROJECT_MODELS[LLAVA_DEMO_MODEL][1])
 FIXED_SCENE = Scene((SceneObject("blue", "square", "small", 16, 20, 17),
                      SceneObject("yellow", "cross", "large", 42, 40, 28)), "striped")
 
@@ -66,9 +68,9 @@ import sys
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from latent_verbalizer.services.demo.synth import Scene
 from latent_verbalizer.services.demo.train_llava import greedy_captions
-from latent_verbalizer.shared.models import PROJECT_DIRS
+from latent_verbalizer.services.families.naming import PROJECT_MODELS
 import json
-path = PROJECT_DIRS["llava_synth_demo"]
+path = PROJECT_MODELS["llava_synth_demo"][1]
 model = LlavaForConditionalGeneration.from_pretrained(path).eval()
 processor = LlavaProcessor.from_pretrained(path)
 scene = Scene.from_dict(json.loads(sys.argv[1]))
