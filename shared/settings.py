@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     encode_batch: int = Field(32, description="images per vision-tower forward")
     decode_batch: int = Field(256, description="caption rows (images x layers) decoded together")
 
+    # --- LLaVA family (services/families/llava.py) ---
+    rescale_layers: bool = Field(False, description="LLaVA: rescale each layer's vision tokens to the feature"
+                                                    " layer's mean token norm before the projector")
+
     # --- grounding (issue 14) ---
     grounding_gallery: int = Field(1000, ge=2, description="most images a caption's retrieval rank is taken"
                                                            " among (a fixed-seed sample, own image included)")

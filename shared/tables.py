@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
 
@@ -50,3 +54,17 @@ def captions_csv(results: Iterable[ImageResult | Mapping]) -> str:
     writer.writeheader()
     writer.writerows(caption_rows(results))
     return buffer.getvalue()
+
+
+def write_captions_csv(results_jsonl: Path, path: Path) -> Path:
+    """captions.csv from a results.jsonl, streamed line by line (a run of any size), whole or not at all."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(results_jsonl) as lines, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(caption_rows(json.loads(line) for line in lines if line.strip()))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -61,14 +61,23 @@ def _write_csv(analysis: Analysis, path: Path) -> Path:
 
 
 def _plot_classes(analysis: Analysis, taxonomy: Taxonomy, path: Path, note: str | None) -> Path:
+    fig = class_figure(analysis, taxonomy, note)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def class_figure(analysis: Analysis, taxonomy: Taxonomy | None = None, note: str | None = None):
+    """figure.png's matplotlib Figure: the plotted classes' stacked areas over layers (or the note saying why
+    there is nothing to plot)."""
+    taxonomy = taxonomy or load_taxonomy()
+    note = note or _note(analysis, taxonomy)
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     ax.set_title("What each layer's caption talks about")
     ax.set(xlabel="encoder layer", ylabel="mean percentage of class", ylim=(0, 100))
     if note:
         ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return fig
     columns = [analysis.classes.index(c) for c in analysis.plotted]
     ax.stackplot(
         analysis.layers,
@@ -81,9 +90,7 @@ def _plot_classes(analysis: Analysis, taxonomy: Taxonomy, path: Path, note: str 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, reverse=True)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_entropy(layers: list[int], mean_entropy: list[float | None], path: Path) -> Path:

@@ -37,12 +37,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def model_from_args(args: argparse.Namespace) -> Family:
     """The model the flags name (FamilyError, a ValueError, when it cannot be used as asked)."""
-    pretrained = args.pretrained
-    if resolve(args.model, args.family).family == "coca":  # CoCa's weights: given, or the model's default
-        pretrained = resolve_pretrained(args.model, args.pretrained)
-        log.info("weights", extra={"model": args.model, "pretrained": pretrained or NO_WEIGHTS,
-                                   "chosen": "given" if args.pretrained is not None else "the model's default"})
-    return load_family(args.model, pretrained, args.device, args.dtype, family=args.family, prompt=args.prompt,
+    return open_model(args.model, args.pretrained, args.device, args.dtype, family=args.family, prompt=args.prompt)
+
+
+def open_model(model: str, pretrained: str | None = None, device: str = "cpu", dtype: str = "fp32", *,
+               family: str | None = None, prompt: str | None = None) -> Family:
+    """What `--model` names, loaded: CoCa's weights are `pretrained` when given, else the model's default
+    (shared.pretrained's rule; 'none': random). The commands and the Python API load models with it."""
+    if resolve(model, family).family == "coca":
+        given = pretrained
+        pretrained = resolve_pretrained(model, pretrained)
+        log.info("weights", extra={"model": model, "pretrained": pretrained or NO_WEIGHTS,
+                                   "chosen": "given" if given is not None else "the model's default"})
+    return load_family(model, pretrained, device, dtype, family=family, prompt=prompt,
                        cache_dir=get_settings().model_cache)
 
 

@@ -3,7 +3,8 @@
 Writes DIR/results.jsonl (one ImageResult per input image, in input order, streamed as it goes) and
 DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}) and
 DIR/run.json (the run's summary: the model's family, name, weights, prompt, layers and extras, with
-notes on what a family lacks, and the decoding parameters).
+notes on what a family lacks, and the decoding parameters) and DIR/captions.csv (one row per image x
+layer and region x layer, with every scalar caption field: shared.tables).
 With grounding (the default; --no-grounding turns it off) every caption carries its grounding
 measures; once the last image is done results.jsonl is rewritten with the retrieval ranks, and
 DIR/prior.json holds the gray image's caption per layer ({"layer_<i>": caption}). With --attributions,
@@ -42,6 +43,7 @@ from latent_verbalizer.shared.models import ModelError
 from latent_verbalizer.shared.regions import Region, check_coverable, parse_regions
 from latent_verbalizer.shared.schemas import DecodeParams, ImageResult, resolve_layers
 from latent_verbalizer.shared.settings import get_settings
+from latent_verbalizer.shared.tables import write_captions_csv
 
 log = logging.getLogger("verbalize")
 
@@ -152,9 +154,9 @@ def write_run(
     attributions: bool = False,
     regions: list[Region] | None = None,
 ) -> tuple[int, int]:
-    """Verbalize `items` into `out` (results.jsonl, captions.json, prior.json with grounding, regions.csv
-    with regions); the `verbalize` command and `demo` both write their runs with it. -> (images captioned,
-    images failed)."""
+    """Verbalize `items` into `out` (results.jsonl, captions.json, captions.csv, run.json, prior.json with
+    grounding, regions.csv with regions); the `verbalize` command, `demo` and the Python API write their runs
+    with it. -> (images captioned, images failed)."""
     out.mkdir(parents=True, exist_ok=True)
     captions: dict[str, list[str]] = {}
     n_ok = n_err = 0
@@ -185,5 +187,6 @@ def write_run(
     if embeddings is not None and embeddings.ids:
         rewrite_with_ranks(out / "results.jsonl", embeddings.ranks(gallery))
         write_prior(out / "prior.json", embeddings.null_captions)
+    write_captions_csv(out / "results.jsonl", out / "captions.csv")
     log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2)})
     return n_ok, n_err

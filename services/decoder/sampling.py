@@ -17,9 +17,8 @@ from latent_verbalizer.shared.schemas import DecodeParams
 _MASK32 = 0xFFFFFFFF
 
 
-def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (bits) of softmax(logits) per row. logits [B, V] float32 -> [B]."""
-    logp = torch.log_softmax(logits, dim=-1)
+def entropy_bits(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy (bits) of a distribution per row, given as logp [B, V] = log_softmax(raw logits) float32 -> [B]."""
     return -(logp.exp() * logp).sum(-1) / math.log(2)
 
 

@@ -14,13 +14,15 @@ give the same captions:
     which is also the BPE token "!"; a 0-terminated caption keeps that one "!").
 Per caption we keep the token ids (start slot and a final end token excluded), the entropy in bits of
 the full softmax of the model's raw logits at every generated step (end token included), and their
-mean; with `embed_text`, also its contrastive text embedding (a family with the contrastive extra):
-greedy and sampled rows get it from their stepper, which keeps what it needs of a row when it leaves
-the batch (`Stepper.retire`), beam captions from `Family.text_embeddings` of their final tokens. With
-`attention`, also each generated step's attention over the image positions (the family's own
-averaging), for word -> patch attributions (services.decoder.attribution): greedy and sampled rows
-record it as they decode, beam search keeps it with each beam like the entropies. Without it the steps
-compute exactly what they compute otherwise.
+mean, and the natural log of the probability that softmax gave the token chosen at each step
+(`logprob`, likelihood grounding's image side); with `embed_text`, also its contrastive text embedding
+(a family with the contrastive extra): greedy and sampled rows get it from their stepper, which keeps
+what it needs of a row when it leaves the batch (`Stepper.retire`), beam captions from
+`Family.text_embeddings` of their final tokens. With `attention`, also each generated step's attention
+over the image positions (the family's own averaging), for word -> patch attributions
+(services.decoder.attribution): greedy and sampled rows record it as they decode, beam search keeps it
+with each beam like the entropies. Without it the steps compute exactly what they compute otherwise.
+`score` gives teacher-forced log-probabilities of given captions (`Family.score`, batched).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Decoded:
     text: str
     tokens: list[int]
     entropy: list[float]
+    logprob: list[float]  # ln p(token | prefix, image) from the raw logits, indexed like entropy
     text_embedding: torch.Tensor | None = None  # [E] float32, not normalised (with `embed`)
     cross_attention: torch.Tensor | None = None  # [steps, N] float32, indexed like entropy (with `attention`)
 
@@ -79,14 +82,32 @@ def decode(
         keys = row_keys[start : start + batch_rows].to(family.device)
         mask = None if masks is None else masks[start : start + batch_rows].to(family.device)
         if params.strategy == "beam":
-            tokens, entropy, attended = beam.search(family, rows, mask, params, attention)
+            tokens, entropy, logprob, attended = beam.search(family, rows, mask, params, attention)
             embeddings = family.text_embeddings(tokens, params.seq_len) if embed_text else None
         else:
-            tokens, entropy, embeddings, attended = _decode_batch(family, rows, mask, params, keys, embed_text,
-                                                                  attention)
-        out += [Decoded(family.decode_text(t), t, e, None if embeddings is None else embeddings[i],
+            tokens, entropy, logprob, embeddings, attended = _decode_batch(family, rows, mask, params, keys,
+                                                                           embed_text, attention)
+        out += [Decoded(family.decode_text(t), t, e, lp, None if embeddings is None else embeddings[i],
                         None if attended is None else attended[i])
-                for i, (t, e) in enumerate(zip(tokens, entropy))]
+                for i, (t, e, lp) in enumerate(zip(tokens, entropy, logprob))]
+    return out
+
+
+def score(family: Family, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]],
+          batch_rows: int = 256) -> list[torch.Tensor]:
+    """Teacher-forced log-probabilities (`Family.score`) of each caption's tokens, then of its end token, under
+    rows [R, N, D] (caption r reads row r; mask [R, N] or None) or [1, N, D] (every caption reads that one
+    row) -> per caption a float32 tensor (see `Family.score` for its length). Captions are scored `batch_rows`
+    at a time, the shortest together."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tokens)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    for start in range(0, len(order), batch_rows):
+        batch = order[start : start + batch_rows]
+        pick = torch.tensor(batch)
+        image = rows if rows.shape[0] == 1 else rows[pick]
+        scored = family.score(image, None if mask is None else mask[pick], [tokens[i] for i in batch])
+        for i, logp in zip(batch, scored, strict=True):
+            out[i] = logp.cpu()
     return out
 
 
@@ -158,13 +179,14 @@ def layer_captions(decoded: list[Decoded], layers: list[int], n: int) -> list[li
 def _decode_batch(
     family: Family, image_tokens: torch.Tensor, mask: torch.Tensor | None, params: DecodeParams, keys: torch.Tensor,
     embed_text: bool = False, attention: bool = False,
-) -> tuple[list[list[int]], list[list[float]], torch.Tensor | None, list[torch.Tensor] | None]:
+) -> tuple[list[list[int]], list[list[float]], list[list[float]], torch.Tensor | None, list[torch.Tensor] | None]:
     B, S, device = image_tokens.shape[0], params.seq_len, image_tokens.device
     stepper = family.stepper(image_tokens, mask, S, attention, embed_text)
     stops = torch.tensor(family.stop_ids, device=device)
     seqs = torch.full((B, S), family.pad_id, dtype=torch.long, device=device)  # start slot + generated
     seqs[:, 0] = family.start_id
     entropy = torch.zeros(B, S - 1, device=device)
+    logprob = torch.zeros(B, S - 1, device=device)
     attended = torch.zeros(B, S - 1, image_tokens.shape[1], device=device) if attention else None  # [B, S-1, N]
     step_attention = torch.zeros(B, image_tokens.shape[1], device=device) if attention else None  # [b, N]
     steps = torch.zeros(B, dtype=torch.long, device=device)  # generated tokens per row
@@ -173,7 +195,8 @@ def _decode_batch(
     for pos in range(S - 1):
         cur_len = pos + 1  # tokens present, start slot included
         logits = stepper.step(token, pos, step_attention)  # [b, V]
-        entropy[alive, pos] = entropy_bits(logits)
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy[alive, pos] = entropy_bits(logp)
         if attended is not None:
             attended[alive, pos] = step_attention
         if cur_len + 1 == S and family.force_end_at_limit:  # last slot: the end token is forced
@@ -183,6 +206,7 @@ def _decode_batch(
             scores = repetition_penalty(scores, seqs[alive, :cur_len], params.repetition_penalty)
             token = choose(scores, params, keys[alive], pos)
         seqs[alive, cur_len] = token
+        logprob[alive, pos] = logp.gather(1, token[:, None])[:, 0]
         steps[alive] += 1
         done = torch.isin(token, stops)
         if done.any():
@@ -196,17 +220,19 @@ def _decode_batch(
             stepper.keep(keep)
             if step_attention is not None:
                 step_attention = step_attention[: len(keep)]
-    tokens, entropies = _finish(seqs, steps, entropy, family.end_ids)
+    tokens, entropies, logprobs = _finish(seqs, steps, entropy, logprob, family.end_ids)
     embeddings = stepper.text_embeddings(seqs, steps) if embed_text else None
     attentions = None if attended is None else [a[:n] for a, n in zip(attended, steps.tolist())]  # [steps, N] each
-    return tokens, entropies, embeddings, attentions
+    return tokens, entropies, logprobs, embeddings, attentions
 
 
-def _finish(seqs: torch.Tensor, steps: torch.Tensor, entropy: torch.Tensor, end_ids: tuple[int, ...]):
+def _finish(seqs: torch.Tensor, steps: torch.Tensor, entropy: torch.Tensor, logprob: torch.Tensor,
+            end_ids: tuple[int, ...]):
     """Cut each row at its last generated token; drop the start slot and a final end token."""
-    tokens, entropies = [], []
-    for seq, n, ent in zip(seqs.tolist(), steps.tolist(), entropy.tolist()):
+    tokens, entropies, logprobs = [], [], []
+    for seq, n, ent, lp in zip(seqs.tolist(), steps.tolist(), entropy.tolist(), logprob.tolist()):
         generated = seq[1 : n + 1]
         tokens.append(generated[:-1] if generated and generated[-1] in end_ids else generated)
         entropies.append(ent[:n])
-    return tokens, entropies
+        logprobs.append(lp[:n])
+    return tokens, entropies, logprobs

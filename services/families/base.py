@@ -204,9 +204,11 @@ class Family(ABC):
 
     @abstractmethod
     def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
-        """Teacher-forced log-probabilities (natural log, float32, log_softmax of the raw logits): for each row
-        r, of tokens[r] then of the end token, given the prefix and row r's image input -> R tensors
-        [len(tokens[r]) + 1]. One forward over the whole sequence per batch of rows."""
+        """Teacher-forced log-probabilities (natural log, float32, log_softmax of the raw logits): for each
+        caption r, of tokens[r] then of the end token, given the prefix and row r's image input -> R tensors
+        [len(tokens[r]) + 1] (CoCa: [len] for a caption that ended with its pad id 0, which has no end token
+        after it). rows [R, N, D], or [1, N, D]: every caption reads that one row (the null image). One
+        forward over the whole sequences per call (services.decoder.stage.score batches a run's captions)."""
 
     def text_embeddings(self, tokens: list[list[int]], max_len: int) -> torch.Tensor:
         """Contrastive text embeddings [B, E] of finished captions (`tokens` as in results) (extra: contrastive)."""

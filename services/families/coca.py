@@ -106,15 +106,18 @@ class CocaFamily(Family):
         return CocaStepper(TextDecoder.of(self.model), rows, max_len, self.pad_id, text_embeddings)
 
     def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
-        """TextDecoder.score over [start, tokens..., end] per row, padded with the pad id."""
+        """TextDecoder.score over [start, tokens..., end] per caption, padded with the pad id; rows [1, N, D]: one
+        image for every caption, its cross-attention keys projected once. A caption that ended with the pad
+        id 0 (open_clip's other end) has no end token after it: [len(tokens)]."""
         if mask is not None:
             raise ValueError("CoCa reads a region through its pooler's keys (encode's key_mask), not a row mask")
-        ids = torch.full((len(tokens), 2 + max(map(len, tokens), default=0)), self.pad_id, dtype=torch.long)
-        for r, t in enumerate(tokens):
-            ids[r, : len(t) + 2] = torch.tensor([self.start_id, *t, self.end_id])
-        lengths = torch.tensor([len(t) + 1 for t in tokens])
+        seqs = [[self.start_id, *t] + ([] if t and t[-1] == self.pad_id else [self.end_id]) for t in tokens]
+        ids = torch.full((len(seqs), max(map(len, seqs), default=1)), self.pad_id, dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            ids[r, : len(seq)] = torch.tensor(seq)
+        lengths = torch.tensor([len(seq) - 1 for seq in seqs])
         logp = TextDecoder.of(self.model).score(rows.to(self.device, self.dtype), ids.to(self.device), lengths)
-        return [logp[r, : len(t) + 1] for r, t in enumerate(tokens)]  # [R, S-1] -> per row [len + 1]
+        return [logp[r, :n] for r, n in enumerate(lengths.tolist())]  # [R, S-1] -> per caption [len (+ 1)]
 
     def text_embeddings(self, tokens: list[list[int]], max_len: int) -> torch.Tensor:
         """Through the same cached text-tower steps as decoding's (beam search's captions)."""
