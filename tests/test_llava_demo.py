@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from latent_verbalizer.services.cli import main
 from latent_verbalizer.services.demo.llava_model import build_processor, clip_vision_from_coca
 from latent_verbalizer.services.demo.synth import Scene, SceneObject, render, scenes
 from latent_verbalizer.services.demo.train_llava import LlavaTrainConfig, train
@@ -63,28 +64,53 @@ def test_shipped_model_is_small_fp16_and_in_the_package_data():
     assert f'"weights/{LLAVA_DEMO_MODEL}/*"' in pyproject
 
 
+# In a fresh process with the hub switched off: by its name through the family interface (the pipeline at the
+# model's feature layer), and with transformers' own from_pretrained + generate.
 OFFLINE_CAPTION = """
-import sys
+import json, sys
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
-from latent_verbalizer.services.demo.synth import Scene
+from latent_verbalizer.services.demo.evaluate import png_bytes
+from latent_verbalizer.services.demo.synth import Scene, render
 from latent_verbalizer.services.demo.train_llava import greedy_captions
+from latent_verbalizer.services.families import load_family
 from latent_verbalizer.services.families.naming import PROJECT_MODELS
-import json
+from latent_verbalizer.services.pipeline import verbalize
+from latent_verbalizer.shared.images import ImageItem
+
+image = render(Scene.from_dict(json.loads(sys.argv[1])), 123, 0)
+family = load_family("llava_synth_demo")
+item = ImageItem(id="fixed", source="test", data=png_bytes(image))
+(result,) = verbalize(family, [item], layers=[family.feature_layer])
+print(family.family, family.feature_layer)
+print(result.layers[0].caption)
 path = PROJECT_MODELS["llava_synth_demo"][1]
-model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-processor = LlavaProcessor.from_pretrained(path)
-scene = Scene.from_dict(json.loads(sys.argv[1]))
-from latent_verbalizer.services.demo.synth import render
-print(greedy_captions(model, processor, [render(scene, 123, 0)])[0])
+model, processor = LlavaForConditionalGeneration.from_pretrained(path), LlavaProcessor.from_pretrained(path)
+print(greedy_captions(model.eval(), processor, [image], prompt=family.prompt)[0])
 """
 
 
-def test_shipped_model_loads_offline_and_captions_a_fixed_scene_at_its_feature_layer():
+def test_shipped_model_loads_offline_by_name_and_captions_a_fixed_scene_at_its_feature_layer():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
     out = subprocess.run([sys.executable, "-c", OFFLINE_CAPTION, json.dumps(FIXED_SCENE.to_dict())], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == FIXED_SCENE.caption
+    family, ours, own_generate = out.stdout.strip().splitlines()[-3:]
+    assert family == "llava 4"  # vision_feature_layer -2 of 6 blocks
+    assert ours == own_generate == FIXED_SCENE.caption
+
+
+def test_demo_command_writes_the_coca_demos_files(tmp_path, capsys):
+    assert main(["demo", "--model", "llava_synth_demo", "--out", str(tmp_path), "--n", "2"]) == 0
+    for name in ("results.jsonl", "captions.json", "prior.json", "labels.json", "distribution.csv", "figure.png",
+                 "entropy.png", "grounding.csv", "grounding.png", "summary.json", "report.md", "report.json"):
+        assert (tmp_path / name).is_file(), name
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == LLAVA_DEMO_MODEL and [row["layer"] for row in report["layers"]] == list(range(6))
+    assert report["layers"][4]["color_shape"] == 1.0  # its feature layer reads both scenes
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    grounding = summary["grounding"]["layers"]
+    assert all(g["image_score"] is None and g["last_layer_similarity"] is not None for g in grounding)
+    assert "feature layer 4:" in capsys.readouterr().out
 
 
 def test_training_is_deterministic_and_saves_a_loadable_model(tmp_path):
@@ -99,3 +125,9 @@ def test_training_is_deterministic_and_saves_a_loadable_model(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["config"]["finetune_steps"] == 2
     assert [r["stage"] for r in log[1:] if "eval_color_shape" in r] == ["projector", "finetune"]
+
+
+def test_train_demo_refuses_a_flag_of_the_other_family(tmp_path, capsys):
+    assert main(["train-demo", "--family", "llava", "--steps", "3", "--out", str(tmp_path)]) == 2
+    assert "--steps do not apply to --family llava" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -30,7 +30,7 @@ from latent_verbalizer.services.cli.outputs import OutputError, check_out, stage
 from latent_verbalizer.services.cli.verbalize import write_run
 from latent_verbalizer.services.demo.evaluate import layer_shares
 from latent_verbalizer.services.demo.synth import MANIFEST, Scene, read_manifest, write_dataset
-from latent_verbalizer.services.families import Family
+from latent_verbalizer.services.families import Family, FamilyError
 from latent_verbalizer.shared.grounding import grounding_outputs, read_references, read_results
 from latent_verbalizer.shared.images import ImageItem, iter_items
 from latent_verbalizer.shared.models import ModelError
@@ -54,15 +54,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_out(args.out, args.overwrite)
         lm = model_from_args(args)
-    except (ModelError, OutputError) as e:
+    except (ModelError, FamilyError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The run is written beside --out and replaces it only when complete (services.cli.outputs).
     with staged_run(args.out, "demo") as tmp:
         model, results, truth, rows = _write_demo(lm, args, tmp)
-    for r in results:
-        last = r.layers[-1].caption if r.layers else f"error: {r.error}"
-        print(f"{r.id}\n  truth:      {truth[r.id].caption}\n  last layer: {last}")
+    for r in results:  # the layer the model itself reads (CoCa: its last; LLaVA: its vision_feature_layer)
+        own = r.layers[lm.feature_layer].caption if r.layers else f"error: {r.error}"
+        print(f"{r.id}\n  truth:           {truth[r.id].caption}\n  feature layer {lm.feature_layer}: {own}")
     print(f"\n{model}, {len(results)} synthetic scenes: what each encoder layer's caption says\n")
     print("\n".join(_table(rows)))
     print(f"\nfigure (classes per layer): {args.out / 'figure.png'}\n"
@@ -89,7 +89,7 @@ def _write_demo(lm: Family, args: argparse.Namespace, out: Path
 
     analysis = analyze(labels, entropies)
     grounding, _ = grounding_outputs(results, out, read_references(images / MANIFEST))
-    model = f"{lm.name}/{lm.pretrained}"
+    model = lm.name if lm.pretrained is None else f"{lm.name}/{lm.pretrained}"
     write_report(analysis, out, {"model": model, "images": len(results),
                                  **({"grounding": grounding} if grounding else {})})
     rows = layer_rows(analysis, grounding, layer_shares(results, truth))
