@@ -40,6 +40,7 @@ from latent_verbalizer.services.demo.llava_model import (
 )
 from latent_verbalizer.services.demo.scoring import score
 from latent_verbalizer.services.demo.synth import Scene, scenes
+from latent_verbalizer.services.families.llava import chat_prompt
 from latent_verbalizer.shared.models import load_model
 from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED, LLAVA_DEMO_MODEL
 
@@ -103,11 +104,6 @@ def prompt_ids(processor: LlavaProcessor) -> list[list[int]]:
         text = chat_prompt(processor, prompt)
         out.append(processor(text=text, images=blank)["input_ids"][0])
     return out
-
-
-def chat_prompt(processor: LlavaProcessor, prompt: str) -> str:
-    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-    return processor.apply_chat_template([message], add_generation_prompt=True)
 
 
 def caption_ids(processor: LlavaProcessor, captions: list[str]) -> list[list[int]]:
