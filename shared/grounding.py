@@ -133,7 +133,9 @@ def as_results(results: Sequence[ImageResult | Mapping]) -> list[ImageResult]:
 
 
 def has_grounding(results: Sequence[ImageResult]) -> bool:
-    return any(c.image_score is not None for r in results for c in r.layers or [])
+    """Whether grounding ran: every family fills `prior` and `last_layer_similarity`, only a contrastive one
+    (CoCa) `image_score` too."""
+    return any(c.prior is not None or c.image_score is not None for r in results for c in r.layers or [])
 
 
 def layer_grounding(

@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # The offline demo model the project trains and ships (shared/weights/); the default everywhere.
 DEMO_MODEL = "coca_synth_demo"
 DEMO_PRETRAINED = "synth-v2"
+# The offline LLaVA-architecture demo model (shared/weights/llava_synth_demo/, a save_pretrained directory).
+LLAVA_DEMO_MODEL = "llava_synth_demo"
 
 
 class Settings(BaseSettings):

@@ -38,7 +38,7 @@ from latent_verbalizer.shared.images import ImageItem, iter_items
 from latent_verbalizer.shared.models import ModelError
 from latent_verbalizer.shared.schemas import ImageResult
 
-DEMO_SEED = 7  # not a training seed (0, 1)
+DEMO_SEED = 7  # not a training seed (0, 1 of the CoCa demo; 10, 11 of the LLaVA demo)
 TOP_CLASSES = 3  # dominant classes shown per layer
 
 
@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     # The run is written beside --out and replaces it only when complete (services.cli.outputs).
     with staged_run(args.out, "demo") as tmp:
         model, results, truth, rows = _write_demo(lm, args, tmp)
-    for r in results:
-        last = r.layers[-1].caption if r.layers else f"error: {r.error}"
-        print(f"{r.id}\n  truth:      {truth[r.id].caption}\n  last layer: {last}")
+    for r in results:  # the layer the model itself reads (CoCa: its last; LLaVA: its vision_feature_layer)
+        own = r.layers[lm.feature_layer].caption if r.layers else f"error: {r.error}"
+        print(f"{r.id}\n  truth:           {truth[r.id].caption}\n  feature layer {lm.feature_layer}: {own}")
     print(f"\n{model}, {len(results)} synthetic scenes: what each encoder layer's caption says\n")
     print("\n".join(_table(rows)))
     print(f"\nfigure (classes per layer): {args.out / 'figure.png'}, of what the image supports:"
@@ -94,7 +94,7 @@ def _write_demo(lm: Family, args: argparse.Namespace, out: Path
 
     analysis = analyze(labels, entropies)
     grounding, _ = grounding_outputs(results, out, read_references(images / MANIFEST))
-    model = f"{lm.name}/{lm.pretrained}"
+    model = lm.name if lm.pretrained is None else f"{lm.name}/{lm.pretrained}"
     write_report(analysis, out, {"model": model, "images": len(results),
                                  **({"grounding": grounding} if grounding else {})})
     rows = layer_rows(analysis, grounding, layer_shares(results, truth))

@@ -23,6 +23,7 @@ mixed input.
 norms grow with depth, so an intermediate layer's tokens are off the projector's training distribution in scale.
 With it on, each image's selected tokens of layer i are multiplied by mean_token_norm(feature layer) /
 mean_token_norm(layer i) of that image before the projector; the feature layer itself is unchanged (factor 1).
+Off by default from the measurement on llava_synth_demo (docs/demo_model.md): no gain below the feature layer.
 
 Decoding goes through the project's one decoding loop with `LlavaStepper`: position 0 prefills the prompt for
 all rows in one forward, every later step feeds one token per live row against a transformers `DynamicCache`.
