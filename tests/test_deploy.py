@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -213,7 +215,8 @@ def cli_parse(argv: list[str]) -> argparse.Namespace:
 def dockerfile() -> dict[str, Any]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    out: dict[str, Any] = {"stages": set(), "env": {}, "volumes": [], "expose": [], "copy": []}
+    out: dict[str, Any] = {"stages": set(), "env": {}, "volumes": [], "expose": [], "copy": [], "run": [],
+                           "mkdir": ""}
     for ln in lines:
         instr, _, rest = ln.partition(" ")
         instr = instr.upper()
@@ -233,6 +236,9 @@ def dockerfile() -> dict[str, Any]:
             out["healthcheck"] = json.loads(rest.split(" CMD ", 1)[1])
         elif instr == "COPY" and "--from" not in rest:
             out["copy"] += rest.split()[:-1]
+        elif instr == "RUN":
+            out["run"].append(rest)
+            out["mkdir"] += " ".join(re.findall(r"mkdir -p ([^&;]+)", rest))
     return out
 
 
@@ -629,9 +635,16 @@ def test_cross_check_images_ports_settings_volumes(tmp_path: Path, monkeypatch: 
         for name, svc in project_services(model).items():
             redis = urlparse(container_env(svc, {})["LV_REDIS_URL"])
             assert redis == k8s_redis and redis.hostname in model["services"] and redis.port == 6379, name
+    # An external Redis (or host networking) is one line in .env, not an override of every service.
+    external = "redis://redis.example.org:6380/2"
+    for name, svc in project_services(load_compose([COMPOSE, COMPOSE_CPU], {"LV_REDIS_URL": external})).items():
+        assert container_env(svc, {})["LV_REDIS_URL"] == external, name
 
-    # --- volume paths: Dockerfile VOLUME = compose mount points = k8s mount paths = settings paths
-    assert sorted(df["volumes"]) == sorted(VOLUMES.values())
+    # --- volume paths: Dockerfile mount points = compose mount points = k8s mount paths = settings paths. The
+    # Dockerfile declares no VOLUME: each one a service does not mount is an anonymous volume, left by `down -v`.
+    assert df["volumes"] == [], "VOLUME in the Dockerfile: anonymous volumes where a service does not mount it"
+    created = df["mkdir"].split()
+    assert all(any(c == p or c.startswith(p + "/") for c in created) for p in VOLUMES.values()), created
     path_settings = {"LV_MODEL_CACHE": VOLUMES["models"], "LV_ARTIFACT_DIR": VOLUMES["artifacts"],
                      "LV_DATA_ROOTS": VOLUMES["shards"]}
     assert {k: df["env"][k] for k in path_settings} == path_settings
@@ -727,6 +740,51 @@ def test_validators_reject_broken_files(tmp_path: Path) -> None:
         cli_parse(["no-such-command"])
     with pytest.raises(AssertionError, match="does not parse"):
         cli_parse(["verbalize", "--no-such-flag"])
+
+
+def test_dockerfile_builds_behind_a_mirror_or_without_a_registry() -> None:
+    """No `# syntax=` line (BuildKit would pull a frontend image); every pip step goes through pip-build, with
+    the mirror build args, the optional pip.conf / CA bundle secrets and the constraints; compose passes the
+    mirror on."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), "a syntax line needs a registry to build"
+    args = set(re.findall(r"^ARG (\w+)", text, re.M))
+    assert {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "TORCH_CPU_INDEX_URL",
+            "TORCH_CPU_VERSION", "TORCHVISION_CPU_VERSION"} <= args
+    pip_runs = [r for r in dockerfile()["run"] if re.search(r"\bpip(-build)?\b", r)]
+    assert len(pip_runs) >= 5, pip_runs
+    for run in pip_runs:
+        assert not re.search(r"(?<![\w-])pip install", run), f"bare pip (no mirror, no secrets): {run}"
+        assert "id=pip.conf" in run and "id=ca.pem" in run, f"pip step without the build secrets: {run}"
+        for install in re.findall(r"pip-build install[^&|]*", run):
+            assert " -c /" in install and "constraints.txt" in install, f"install without the pins: {install}"
+    for svc in project_services(load_compose([COMPOSE], {"PIP_INDEX_URL": "https://m.example/simple"})).values():
+        assert svc["build"]["args"]["PIP_INDEX_URL"] == "https://m.example/simple"
+
+
+def _pip_build(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """deploy/pip-build.sh with this environment's pip and no pip configuration of this machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    return subprocess.run(["sh", str(ROOT / "deploy" / "pip-build.sh"), *argv], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_slim_torch_check_answers_at_once(tmp_path: Path) -> None:
+    """The slim target's first step asks the CPU torch index for the exact version: yes, no, and an index
+    that cannot be reached is a quick no (the Dockerfile then names the alternative, --target cuda)."""
+    page = tmp_path / "simple" / "torch"
+    page.mkdir(parents=True)
+    wheel = "torch-2.14.1+cpu-py3-none-any.whl"
+    (page / wheel).write_bytes(b"")
+    (page / "index.html").write_text(f'<html><body><a href="{wheel}">{wheel}</a></body></html>')
+    index = (tmp_path / "simple").as_uri()
+    assert _pip_build("has-version", index, "torch", "2.14.1+cpu").returncode == 0
+    assert _pip_build("has-version", index, "torch", "2.14.1").returncode != 0
+    assert _pip_build("has-version", index, "torch", "2.15.0+cpu").returncode != 0
+    t0 = time.monotonic()
+    assert _pip_build("has-version", "http://127.0.0.1:9/simple", "torch", "2.14.1+cpu").returncode != 0
+    assert time.monotonic() - t0 < 30
 
 
 def test_dockerignore_keeps_build_inputs_only() -> None:
