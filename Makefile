@@ -46,7 +46,7 @@ demo: venv
 # Review the diff, then `make test` installs the new pins.
 lock: | $(BIN)/python
 	$(BIN)/pip install -q uv==$(UV_VERSION)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra deploy --universal --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra deploy --extra notebook --universal --python-version 3.11 \
 	  --custom-compile-command 'make lock' -o constraints.txt
 
 clean:

@@ -36,16 +36,16 @@ from bench.grounding_overhead import random_items  # noqa: E402
 from latent_verbalizer.services.demo.evaluate import scene_items  # noqa: E402
 from latent_verbalizer.services.demo.spatial import pointing_hits  # noqa: E402
 from latent_verbalizer.services.encoder.regions import input_box  # noqa: E402
+from latent_verbalizer.services.families import Family, load_family  # noqa: E402
 from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
 from latent_verbalizer.shared.images import ImageItem, decode_image  # noqa: E402
-from latent_verbalizer.shared.models import LoadedModel, load_model  # noqa: E402
 from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED  # noqa: E402
 from tests import open_clip_reference as reference  # noqa: E402
 
 SCENE_SEED = 2026  # not a training seed (bench.common.TRAINING_SEEDS)
 
 
-def measure(lm: LoadedModel, items: list[ImageItem], repeats: int = 3) -> dict:
+def measure(lm: Family, items: list[ImageItem], repeats: int = 3) -> dict:
     """Median wall seconds of verbalize on `items` (every layer, default decoding, no grounding) without and
     with attributions, the slowdown ratio and every run's seconds."""
 
@@ -71,8 +71,8 @@ def measure(lm: LoadedModel, items: list[ImageItem], repeats: int = 3) -> dict:
 
 def slowdown(images: int = 8, repeats: int = 3, device: str = "cpu") -> dict:
     """attribution_slowdown on both models: {"demo": measure(...), "coca_ViT-B-32": measure(...)}."""
-    demo = load_model(DEMO_MODEL, DEMO_PRETRAINED, device)
-    b32 = load_model("coca_ViT-B-32", None, device)
+    demo = load_family(DEMO_MODEL, DEMO_PRETRAINED, device)
+    b32 = load_family("coca_ViT-B-32", None, device)
     return {"demo": measure(demo, scene_items(SCENE_SEED, images)[0], repeats),
             "coca_ViT-B-32": measure(b32, random_items(images), repeats),
             "images": images, "device": device_name(demo.device)}
@@ -80,7 +80,7 @@ def slowdown(images: int = 8, repeats: int = 3, device: str = "cpu") -> dict:
 
 def layers_choice(n: int, device: str = "cpu") -> dict:
     """Pointing game of the last vision layer's captions per decoder-layer average (module docstring)."""
-    lm = load_model(DEMO_MODEL, DEMO_PRETRAINED, device)
+    lm = load_family(DEMO_MODEL, DEMO_PRETRAINED, device)
     visual, last = lm.model.visual, lm.num_layers - 1
     depth = len(lm.model.text_decoder.cross_attn)
     choices = {"all": slice(None), "last": slice(depth - 1, None), "last_half": slice(depth // 2, None),
@@ -91,7 +91,7 @@ def layers_choice(n: int, device: str = "cpu") -> dict:
         image = decode_image(item.data)
         tokens = result.layers[0].tokens
         image_tokens, pool_weights = reference.pooler_weights(visual, lm.preprocess(image)[None].to(lm.device), last)
-        per_layer = reference.cross_attention(lm.model, image_tokens, tokens, lm.sot_id)  # [layers, S, Q-1]
+        per_layer = reference.cross_attention(lm.model, image_tokens, tokens, lm.start_id)  # [layers, S, Q-1]
         pieces = [lm.tokenizer.decode([t]) for t in tokens]
         box = input_box(lm.preprocess, *image.size)
         for name, layers in choices.items():

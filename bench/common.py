@@ -18,27 +18,35 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-TRAINING_SEEDS = (0, 1)  # the demo model's training scenes (seed 0) and its checks (seed 1)
+# The demo models' training scenes and their held-out checks: coca_synth_demo 0 and 1, llava_synth_demo 10 and 11.
+TRAINING_SEEDS = (0, 1, 10, 11)
 
 
 def scene_parser(description: str, seed: int) -> argparse.ArgumentParser:
     """base_parser plus the synthetic-scene benches' options: --n, --seed (refused if a training seed), and
-    the model (default: the shipped demo model). Parse with `parse_scene_args`."""
-    from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED
+    the model (default: the shipped CoCa demo model; llava_synth_demo is the LLaVA one). Parse with
+    `parse_scene_args`."""
+    from latent_verbalizer.shared.settings import DEMO_MODEL
 
     p = base_parser(description)
     p.add_argument("--n", type=int, default=200, help="number of scenes")
     p.add_argument("--seed", type=int, default=seed, help=f"scene seed, not one of {TRAINING_SEEDS}")
     p.add_argument("--model", default=DEMO_MODEL)
-    p.add_argument("--pretrained", default=DEMO_PRETRAINED)
+    p.add_argument("--pretrained", default=None, help="CoCa weights (default: the model's own, shared.pretrained)")
     p.add_argument("--device", default="cpu")
     return p
 
 
 def parse_scene_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed options; a CoCa model's --pretrained resolved to its default weights when not given."""
+    from latent_verbalizer.services.families import resolve
+    from latent_verbalizer.shared.pretrained import resolve_pretrained
+
     args = p.parse_args()
     if args.seed in TRAINING_SEEDS:
         p.error(f"seed {args.seed} was used in training; pick another")
+    if resolve(args.model).family == "coca":
+        args.pretrained = resolve_pretrained(args.model, args.pretrained)
     return args
 
 

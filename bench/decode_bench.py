@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import base_parser, device_name, report, timed  # noqa: E402
 from latent_verbalizer.services.decoder.stage import decode  # noqa: E402
 from latent_verbalizer.services.encoder.stage import encode  # noqa: E402
-from latent_verbalizer.shared.models import load_model  # noqa: E402
+from latent_verbalizer.services.families import load_family  # noqa: E402
 from latent_verbalizer.shared.schemas import DecodeParams  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of ours (open_clip runs once)")
     args = p.parse_args()
 
-    lm = load_model(args.model, args.pretrained, args.device, args.dtype)
+    lm = load_family(args.model, args.pretrained, args.device, args.dtype)
     size = lm.model.visual.image_size
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.batch, 3, *size, generator=g).to(lm.device, lm.dtype)
@@ -80,7 +80,7 @@ def _strip(row: list[int], lm) -> list[int]:
     """open_clip output row -> generated tokens without start, end and trailing pad tokens."""
     out = []
     for t in row[1:]:
-        if t == lm.eot_id:
+        if t == lm.end_id:
             break
         out.append(t)
         if t == lm.pad_id:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import base_parser, device_name, report, timed  # noqa: E402
 from latent_verbalizer.services.encoder.stage import capture_blocks, check_layers, encode  # noqa: E402
-from latent_verbalizer.shared.models import load_model  # noqa: E402
+from latent_verbalizer.services.families import load_family  # noqa: E402
 
 
 # torch's counter knows the CUDA attention kernels but not the CPU one that SDPA dispatches to.
@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
-    lm = load_model(args.model, None, args.device, args.dtype)
+    lm = load_family(args.model, None, args.device, args.dtype)
     visual = lm.model.visual
     layers = check_layers(visual, None)
     g = torch.Generator().manual_seed(0)

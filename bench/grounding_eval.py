@@ -36,9 +36,9 @@ from bench.grounding_overhead import measure, random_items  # noqa: E402
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings, with_ranks  # noqa: E402
 from latent_verbalizer.services.demo.evaluate import layer_shares, scene_items  # noqa: E402
 from latent_verbalizer.services.demo.scoring import score  # noqa: E402
+from latent_verbalizer.services.families import load_family  # noqa: E402
 from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
 from latent_verbalizer.shared.grounding import layer_grounding, write_grounding  # noqa: E402
-from latent_verbalizer.shared.models import load_model  # noqa: E402
 from latent_verbalizer.shared.schemas import ImageResult  # noqa: E402
 
 TARGETS = {"correctness_auc": 0.85, "spearman_r1_vs_accuracy": 0.8, "final_layer_retrieval_r1": 0.6}
@@ -81,7 +81,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 def grounded_run(model: str, pretrained: str, device: str, n: int, seed: int):
     """The scenes' results with grounding and ranks among the n scenes, their truth, and the seconds it took."""
-    lm = load_model(model, pretrained, device)
+    lm = load_family(model, pretrained, device)
     items, truth = scene_items(seed, n)
     t0 = time.perf_counter()
     embeddings = RunEmbeddings()
@@ -120,7 +120,7 @@ def main() -> int:
         "metrics": grounding.metrics, "seconds": round(seconds, 2),
     }
     if args.overhead_repeats:
-        lm = load_model("coca_ViT-B-32", None, "cpu")  # random weights
+        lm = load_family("coca_ViT-B-32", None, "cpu")  # random weights
         figures["overhead_detail"] = measure(lm, random_items(8), args.overhead_repeats)
         figures["overhead"] = figures["overhead_detail"]["overhead"]
         figures["overhead_cold"] = figures["overhead_detail"]["overhead_cold"]

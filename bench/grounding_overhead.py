@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import base_parser, device_name, report  # noqa: E402
 from latent_verbalizer.services.decoder import null_cache  # noqa: E402
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings, forget_null_captions  # noqa: E402
+from latent_verbalizer.services.families import Family, load_family  # noqa: E402
 from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
 from latent_verbalizer.shared.images import ImageItem  # noqa: E402
-from latent_verbalizer.shared.models import LoadedModel, load_model  # noqa: E402
 
 
 def random_items(n: int, seed: int = 0) -> list[ImageItem]:
@@ -48,7 +48,7 @@ def random_items(n: int, seed: int = 0) -> list[ImageItem]:
     return items
 
 
-def measure(lm: LoadedModel, items: list[ImageItem], repeats: int = 3, gallery: int = 1000) -> dict:
+def measure(lm: Family, items: list[ImageItem], repeats: int = 3, gallery: int = 1000) -> dict:
     """Median wall seconds of verbalize on `items` (every layer, default decoding) without grounding and
     with it, warm and cold (module docstring), their overhead ratios and every run's seconds."""
 
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model, None, args.device)
+    lm = load_family(args.model, None, args.device)
     figures = {"model": args.model, "images": args.images, "layers": lm.num_layers, "device": device_name(lm.device),
                **measure(lm, random_items(args.images), args.repeats)}
     report(figures, args.json)

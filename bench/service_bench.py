@@ -68,7 +68,7 @@ def main() -> None:
         sync(lm.device)
         return time.perf_counter() - t0
 
-    with tempfile.TemporaryDirectory(prefix="lv-bench-") as tmp, _stack(args, Path(tmp), api_key) as api:
+    with tempfile.TemporaryDirectory(prefix="lv-bench-") as tmp, ServeStack(args, Path(tmp), api_key) as api:
         options = json.dumps({"categorize": args.categorize})
         _run_job(api, image, options), inprocess()  # warm-up: every process has loaded and run once
         # Alternate the two, so that both see the same load from whatever else runs on the machine.
@@ -99,14 +99,14 @@ def _image() -> bytes:
     return buf.getvalue()
 
 
-class _stack:
+class ServeStack:
     """`latent-verbalizer serve` on a free port, with no LV_REDIS_URL, so serve starts a private
-    redis-server; ready once every stage has a worker ready with the model (/readyz)."""
+    redis-server; ready once every stage has a worker ready with the model (/readyz). `env`: more settings."""
 
-    def __init__(self, args, tmp: Path, api_key: str | None) -> None:
+    def __init__(self, args, tmp: Path, api_key: str | None, env: dict[str, str] | None = None) -> None:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.port = _free_port()
-        self.env = dict(os.environ, LV_ARTIFACT_DIR=str(tmp / "artifacts"), LV_LOG_LEVEL="WARNING")
+        self.env = dict(os.environ, LV_ARTIFACT_DIR=str(tmp / "artifacts"), LV_LOG_LEVEL="WARNING", **(env or {}))
         self.env.pop("LV_REDIS_URL", None)
         self.argv = [sys.executable, "-m", "latent_verbalizer.services.cli", "serve", "--port", str(self.port),
                      "--model", args.model, "--pretrained", str(args.pretrained), "--device", args.device,

@@ -38,9 +38,9 @@ from latent_verbalizer.services.demo.evaluate import scene_items  # noqa: E402
 from latent_verbalizer.services.demo.scoring import region_score  # noqa: E402
 from latent_verbalizer.services.demo.spatial import object_box, pointing_hits  # noqa: E402
 from latent_verbalizer.services.demo.synth import Scene  # noqa: E402
+from latent_verbalizer.services.families import load_family  # noqa: E402
 from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
 from latent_verbalizer.shared.attributions import Attributions, attribution_path, map_key, read_attributions  # noqa: E402
-from latent_verbalizer.shared.models import load_model  # noqa: E402
 from latent_verbalizer.shared.regions import Region  # noqa: E402
 from latent_verbalizer.shared.schemas import ImageResult  # noqa: E402
 
@@ -82,7 +82,7 @@ def main() -> int:
     p.add_argument("--slowdown-threads", type=int, default=2, help="CPU threads while measuring it")
     args = parse_scene_args(p)
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model, args.pretrained, args.device)
+    lm = load_family(args.model, args.pretrained, args.device)
     items, truth = scene_items(args.seed, args.n, min_objects=2)
     per_layer: dict[int, dict[str, list[bool]]] = {}
     t0 = time.perf_counter()

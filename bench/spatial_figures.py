@@ -32,10 +32,10 @@ from bench.spatial_eval import object_regions  # noqa: E402
 from latent_verbalizer.services.demo.evaluate import scene_items  # noqa: E402
 from latent_verbalizer.services.demo.spatial import caption_words  # noqa: E402
 from latent_verbalizer.services.demo.synth import COLORS, IMAGE_SIZE, Scene  # noqa: E402
+from latent_verbalizer.services.families import load_family  # noqa: E402
 from latent_verbalizer.services.pipeline import verbalize  # noqa: E402
 from latent_verbalizer.shared.attributions import Attributions, attribution_path, map_key, read_attributions  # noqa: E402
 from latent_verbalizer.shared.images import ImageItem  # noqa: E402
-from latent_verbalizer.shared.models import load_model  # noqa: E402
 from latent_verbalizer.shared.schemas import ImageResult  # noqa: E402
 from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED  # noqa: E402
 
@@ -107,7 +107,7 @@ def main() -> int:
     p.add_argument("--model", default=DEMO_MODEL)
     p.add_argument("--pretrained", default=DEMO_PRETRAINED)
     args = p.parse_args()
-    lm = load_model(args.model, args.pretrained, "cpu")
+    lm = load_family(args.model, args.pretrained, "cpu")
     item, scene = three_colour_scene(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

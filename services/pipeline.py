@@ -1,5 +1,9 @@
 """The in-process pipeline: encoder stage -> decoder stage in one process, no Redis.
-The CLI's `verbalize` and the benchmarks drive it; the RQ workers call the same stage functions.
+The CLI's `verbalize` and the benchmarks drive it; the RQ workers call the same stage functions. It
+knows the model only through the family interface (services.families), and data flows one way:
+
+    images -> load_pixels -> encode_batch (family.encode; the null image too) -> caption_batch
+           (family.stepper / family.score through the one decoding loop) -> results and measures
 
 Grounding (services.decoder.grounding): give `verbalize` a `RunEmbeddings` and every caption gets its
 per-caption measures as it is yielded; the retrieval ranks need every image of the run, so they come
@@ -26,17 +30,11 @@ from latent_verbalizer.services.decoder.captions import caption_batch, write_map
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings
 from latent_verbalizer.services.decoder.regions import region_results
 from latent_verbalizer.services.encoder.regions import Located, place
-from latent_verbalizer.services.encoder.stage import (
-    capture_blocks,
-    captured_layers,
-    check_layers,
-    load_pixels,
-    pool_encoded,
-)
+from latent_verbalizer.services.encoder.stage import encode_batch, load_pixels
+from latent_verbalizer.services.families import Family
 from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem
-from latent_verbalizer.shared.models import LoadedModel
 from latent_verbalizer.shared.regions import Region
-from latent_verbalizer.shared.schemas import DecodeParams, ImageResult, LayerCaption
+from latent_verbalizer.shared.schemas import DecodeParams, ImageResult, LayerCaption, resolve_layers
 
 
 def _batches(items: Iterable[ImageItem], size: int) -> Iterator[list[ImageItem]]:
@@ -46,7 +44,7 @@ def _batches(items: Iterable[ImageItem], size: int) -> Iterator[list[ImageItem]]
 
 
 def verbalize(
-    lm: LoadedModel,
+    family: Family,
     items: Iterable[ImageItem],
     layers: list[int] | None = None,
     params: DecodeParams = DecodeParams(),
@@ -65,27 +63,28 @@ def verbalize(
     grounding measures and the run's embeddings are added to it (for the ranks). With `attributions_dir`,
     each image's word -> patch maps are written there as <id>.safetensors (shared.attributions). With
     `regions` (shared.regions.parse_regions), every region of every image is captioned at every layer too;
-    an image where a region covers no patch fails with that region's message."""
-    visual = lm.model.visual
-    layers = check_layers(visual, layers)
+    a region that covers no patch of an image fails on that image alone (its `error` in the region's entry)."""
+    layers = resolve_layers(layers, family.num_layers)
     regions = regions or []
+    if attributions_dir is not None:
+        family.require("attributions")
     for batch in _batches(items, batch_size):
-        pixels, good, errors = load_pixels(lm, batch, max_pixels)
-        pixels, good, located = place(lm, pixels, good, regions, errors)  # a region covering no patch: an error
+        pixels, good, errors = load_pixels(family, batch, max_pixels)
+        located = place(family, good, regions)  # a region covering no patch of an image: that region's error
         results = {}
         if pixels is not None:
             ids = [i.id for i in good]
-            hidden = capture_blocks(visual, pixels, captured_layers(visual, layers, grounding is not None))
             if features_dir is not None:
-                _save_features(features_dir, good, layers, hidden)
+                _save_features(features_dir, good, layers, family.hidden_states(pixels, layers))
             mask = torch.stack([p.mask for p in located]) if regions else None  # [n, R, T]
-            encoded = pool_encoded(visual, hidden, layers, grounding is not None, mask, attributions_dir is not None)
-            captioned = caption_batch(lm, encoded, layers, ids, regions, params, decode_batch,
+            encoded = encode_batch(family, pixels, layers, grounding=grounding is not None, key_mask=mask,
+                                   attributions=attributions_dir is not None)
+            captioned = caption_batch(family, encoded, layers, ids, regions, params, decode_batch,
                                       grounding is not None, attributions_dir is not None)
             if grounding is not None:
                 grounding.add(ids, *captioned.ranked_embeddings(), captioned.grounded.null_captions)
             if attributions_dir is not None:
-                write_maps(lm, attributions_dir, ids, [p.input_box for p in located], captioned, encoded.pool_attention)
+                write_maps(family, attributions_dir, ids, [p.input_box for p in located], captioned, encoded)
             results = {item.id: _result(item, place_, caps, regions, region_caps) for item, place_, caps, region_caps
                        in zip(good, located, captioned.captions, captioned.region_captions)}
         for item in batch:
@@ -98,7 +97,8 @@ def _result(item: ImageItem, located: Located, captions: list[LayerCaption], reg
     return ImageResult(
         id=item.id, source=item.source, meta=item.meta, layers=captions, size=list(located.size),
         input_box=list(located.input_box),
-        regions=region_results(regions, located.boxes, located.patches, region_captions) if regions else None,
+        regions=region_results(regions, located.boxes, located.patches, located.errors, region_captions)
+        if regions else None,
     )
 
 

@@ -34,8 +34,8 @@ from latent_verbalizer.shared.images import ImageItem
 if TYPE_CHECKING:  # torch is imported only by the workers that handle tensors
     import torch
 
-INTERMEDIATE = ("uploads", "inputs", "latents", "image_embeddings", "region_latents", "pool_attention", "grounding",
-                "captions", "labels")
+INTERMEDIATE = ("uploads", "inputs", "latents", "image_embeddings", "region_latents", "region_mask", "pool_attention",
+                "null_latents", "grounding", "captions", "labels")
 
 
 class ArtifactStore:
@@ -100,14 +100,22 @@ class ArtifactStore:
         with safe_open(self._chunk(job_id, "latents", chunk, ".safetensors"), "numpy") as f:
             return json.loads(f.metadata()["info"])
 
-    # --- other per-chunk tensors (image_embeddings | region_latents | pool_attention | grounding): fp16 + JSON info ---
+    # --- other per-chunk tensors (parts of services.families.base.Encoded | grounding): fp16, masks bool ---
 
     def write_tensors(self, job_id: str, kind: str, chunk: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
         from safetensors.torch import save
 
-        tensors = {k: v.detach().to("cpu").half().contiguous() for k, v in tensors.items()}
+        tensors = {k: (v.half() if v.is_floating_point() else v).detach().to("cpu").contiguous()
+                   for k, v in tensors.items()}
         write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"),
                      save(tensors, metadata={"info": json.dumps(info)}))
+
+    def write_no_tensors(self, job_id: str, kind: str, chunk: int, info: dict) -> None:
+        """The file `write_tensors` writes for a chunk none of whose images has such tensors: the info alone
+        (no torch needed: the gateway writes it for a chunk it gives up on)."""
+        from safetensors.numpy import save
+
+        write_atomic(self._chunk(job_id, kind, chunk, ".safetensors"), save({}, metadata={"info": json.dumps(info)}))
 
     def read_tensors(self, job_id: str, kind: str, chunk: int) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import safe_open
@@ -125,14 +133,19 @@ class ArtifactStore:
 
     # --- job outputs ---
 
-    def write_results(self, job_id: str, kind: str, chunks: int) -> Path:
-        """results.jsonl: the chunks' lines of one kind, in chunk order."""
+    def write_results(self, job_id: str, parts: Iterable[tuple[str, int]], missing_ok: bool = False) -> Path:
+        """results.jsonl: the lines of each (kind, chunk) part, in order (`missing_ok`: skip a part with no file)."""
         path = self.output(job_id, "results.jsonl")
         tmp = _tmp(path)
         with tmp.open("wb") as out:
-            for chunk in range(chunks):
-                with self._chunk(job_id, kind, chunk, ".jsonl").open("rb") as f:
-                    shutil.copyfileobj(f, out)
+            for kind, chunk in parts:
+                try:
+                    with self._chunk(job_id, kind, chunk, ".jsonl").open("rb") as f:
+                        shutil.copyfileobj(f, out)
+                except FileNotFoundError:
+                    if not missing_ok:
+                        tmp.unlink()
+                        raise
         os.replace(tmp, path)
         return path
 

@@ -133,7 +133,9 @@ def as_results(results: Sequence[ImageResult | Mapping]) -> list[ImageResult]:
 
 
 def has_grounding(results: Sequence[ImageResult]) -> bool:
-    return any(c.image_score is not None for r in results for c in r.layers or [])
+    """Whether grounding ran: every family fills `prior` and `last_layer_similarity`, only a contrastive one
+    (CoCa) `image_score` too."""
+    return any(c.prior is not None or c.image_score is not None for r in results for c in r.layers or [])
 
 
 def layer_grounding(
@@ -323,6 +325,16 @@ def _cell(value: float | int) -> str:
     return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
+CIDER_AXIS_MIN_TOP = 1.0  # CIDEr-D of fair captions is near 1: below that, differences are not worth a tall slope
+
+
+def cider_axis(values: Sequence[float]) -> tuple[float, float]:
+    """The CIDEr-D axis: from 0, up to at least CIDER_AXIS_MIN_TOP (so scores of 0.0053 and 0.0060 lie flat
+    near zero, as they are, instead of spanning the panel), and above the highest score."""
+    top = max([CIDER_AXIS_MIN_TOP, *(1.05 * v for v in values)])
+    return -0.03 * top, top * 1.03
+
+
 def plot_grounding(grounding: Grounding, path: Path) -> Path:
     """Panels over layers: cosines (image score, similarity to the last layer), shares (R@1, prior captions)
     and, where references exist, CIDEr-D and BLEU-4 against them."""
@@ -362,7 +374,8 @@ def plot_grounding(grounding: Grounding, path: Path) -> Path:
         curve(twin, "ref_bleu4", "BLEU-4 (right axis)", color="tab:orange")
         twin.set(ylabel="BLEU-4", ylim=(-0.03, 1.03))
         n = max(r.ref_images for r in rows)
-        ax.set(title=f"Against reference captions ({n} images)", ylabel="CIDEr-D")
+        ax.set(title=f"Against reference captions ({n} images)", ylabel="CIDEr-D",
+               ylim=cider_axis([r.ref_cider for r in rows if r.ref_cider is not None]))
     for ax in axes:
         ax.set_xlabel("encoder layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

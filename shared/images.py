@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -140,11 +143,18 @@ def iter_items(paths: Iterable[str | Path]) -> Iterator[ImageItem]:
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
         if path.is_dir():
+            skipped = []
             for f in sorted(p for p in path.rglob("*") if p.is_file()):
                 if f.suffix.lower() in IMAGE_EXTS:
                     yield unique(_file_item(f, str(f.relative_to(path).with_suffix(""))))
                 elif f.suffix.lower() == ".tar":
                     yield from (unique(i) for i in _shard_items(f))
+                else:
+                    skipped.append(str(f.relative_to(path)))
+            if skipped:
+                shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+                log.warning(f"skipped {len(skipped)} file(s) in {path} that are not {'/'.join(sorted(IMAGE_EXTS))}"
+                            f" images or .tar shards: {shown}", extra={"skipped": len(skipped)})
         elif path.suffix.lower() == ".tar":
             yield from (unique(i) for i in _shard_items(path))
         else:

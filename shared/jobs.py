@@ -75,8 +75,8 @@ class JobOptions(BaseModel):
         description="parts of every image to caption on their own at every layer (each image result's `regions`):"
                     ' "x0,y0,x1,y1" in the image\'s pixels, or fractions of its size when all four are in [0, 1];'
                     ' "name=x0,y0,x1,y1"; "grid:RxC" (R x C cells, labelled r{i}c{j}); or Region objects. Stored'
-                    " parsed and labelled (r{k} when unnamed). A region that covers no patch of an image fails that"
-                    " image; one that can cover none of any image is refused (422)",
+                    " parsed and labelled (r{k} when unnamed). A region that covers no patch of an image fails on"
+                    " that image alone (its entry's `error`); one that can cover none of any image is refused (422)",
         examples=[["0,0,0.5,1", "cup=10,20,40,50"], ["grid:2x2"]],
     )
 
@@ -222,6 +222,13 @@ class JobStore:
 
     def chunks_done(self, job_id: str, stage: str) -> int:
         return self.client.scard(self.keys.done(job_id, stage))
+
+    def done_chunks(self, job_id: str, stage: str) -> set[int]:
+        return {int(c) for c in self.client.smembers(self.keys.done(job_id, stage))}
+
+    def set_warnings(self, job_id: str, warnings: list[str]) -> None:
+        """Replace an existing job's warnings (a cancelled job's note on its partial results)."""
+        self.client.hset(self.keys.job(job_id), "warnings", json.dumps(warnings))
 
     def finish(self, job_id: str, status: JobStatus, error: str | None = None, warnings: list[str] | None = None
                ) -> bool:

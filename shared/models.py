@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from urllib.parse import urlparse
 import open_clip
 import torch
 from open_clip.coca_model import CoCa
+from open_clip.factory import load_state_dict
+from open_clip.pretrained import download_pretrained_from_hf
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -69,17 +72,29 @@ class LoadedModel:
         return self.model.text.context_length
 
 
-def config_layers(name: str) -> int | None:
-    """The vision tower's number of blocks from the model's config (before loading it); None when the
-    name is not a known config."""
-    layers = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("layers")
-    return layers if isinstance(layers, int) else None
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps -> the torch device; ModelError for another name or a device this
+    machine does not have (auto: the GPU when there is one, else the CPU)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise ModelError(f"device {device!r} is not one of {DEVICES} (--device or LV_DEVICE)")
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"device {device!r}: no CUDA device is available on this machine (torch"
+                             f" {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): use --device cpu,"
+                             " or --device auto, which takes the GPU where there is one and the CPU otherwise")
+        if (chosen.index or 0) >= count:
+            raise ModelError(f"device {device!r} does not exist: this machine has {count} CUDA device(s),"
+                             f" cuda:0..cuda:{count - 1}")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {device!r}: Apple's MPS is not available here: use --device cpu or auto")
+    return chosen
 
 
 def _checkpoint_path(name: str, pretrained: str) -> str | None:
@@ -111,38 +126,47 @@ def load_model(
 ) -> LoadedModel:
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    config = open_clip.get_model_config(name)
-    if config is None:
-        coca = [m for m in open_clip.list_models() if "coca" in m.lower()]
-        raise ModelError(f"unknown model {name!r}; CoCa models: {', '.join(coca)}")
-    if "multimodal_cfg" not in config:
-        raise ModelError(
-            f"{name} is not a CoCa model: latent captioning needs a multimodal text decoder"
-            " (use a coca_* architecture)"
-        )
-    checkpoint = _checkpoint_path(name, pretrained) if pretrained else None
-    hub_tag = bool(pretrained) and checkpoint is None
+    torch_device = resolve_device(device)  # before any download: a missing GPU is said as such
+    schema = _schema(name)
+    if schema:  # hf-hub:org/repo or local-dir:FOLDER: the config and weights come from there
+        if pretrained:
+            raise ModelError(f"{name} brings its own weights: leave out --pretrained (LV_PRETRAINED) for it")
+        checkpoint = None
+        hub = schema == "hf-hub"
+    else:
+        _check_config(name)
+        checkpoint = _checkpoint_path(name, pretrained) if pretrained else None
+        hub = bool(pretrained) and checkpoint is None
     # Offline, the hub client would retry for minutes before failing: look once, then use only its cache.
-    offline = hub_tag and not _hub_reachable()
-    torch_device = resolve_device(device)
+    offline = hub and not _hub_reachable()
     kwargs = dict(
         precision=_OPEN_CLIP_PRECISION[dtype], device=torch_device, cache_dir=str(cache_dir) if cache_dir else None
     )
     # Random weights come from a fixed seed, without disturbing the caller's RNG state.
-    with torch.random.fork_rng(devices=[]), _hub_cache_only(offline), _quiet_random_init(bool(checkpoint)):
+    with torch.random.fork_rng(devices=[]), _hub_cache_only(offline), _quiet_open_clip():
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
+            if schema == "hf-hub":  # open_clip would go on with random weights when only these are missing
+                download_pretrained_from_hf(name.removeprefix("hf-hub:"), cache_dir=kwargs["cache_dir"])
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=None if checkpoint else pretrained, **kwargs
             )
-            if not pretrained:
+            if not pretrained and not schema:
                 _init_vocab_projection(model)
-        except RuntimeError as e:  # open_clip wraps download failures in RuntimeError
+            tokenizer = open_clip.get_tokenizer(name, cache_dir=kwargs["cache_dir"])
+        except (RuntimeError, OSError, ValueError) as e:  # open_clip wraps download failures in RuntimeError
+            if not hub:
+                raise ModelError(f"cannot build {name}: {e}") from e
             raise ModelError(_not_cached(name, pretrained, offline, e)) from e
+    if not isinstance(model, CoCa):
+        raise ModelError(f"{name} is not a CoCa model: latent captioning needs a multimodal text decoder"
+                         " (use a coca_* architecture)")
     if checkpoint:
         _load_checkpoint(model, checkpoint, name)
+    elif not pretrained and not schema:
+        log.warning(f"{name} has random weights (none given, none shipped): its captions are noise, not a reading"
+                    " of the image; for real captions use e.g. --model coca_ViT-L-14, or --pretrained FILE")
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(name)
     log.info("model loaded", extra={"model": name, "pretrained": pretrained, "device": str(torch_device)})
     return LoadedModel(
         model=model,
@@ -156,6 +180,26 @@ def load_model(
         pad_id=model.pad_id,
         tokenizer=tokenizer,
     )
+
+
+def _schema(name: str) -> str | None:
+    """open_clip's model-name schema: 'hf-hub' (hf-hub:org/repo), 'local-dir' (local-dir:FOLDER) or None."""
+    schema, sep, _ = name.partition(":")
+    return schema if sep and schema in ("hf-hub", "local-dir") else None
+
+
+def _check_config(name: str) -> None:
+    """A known open_clip (or project) config of a CoCa model, else ModelError."""
+    config = open_clip.get_model_config(name)
+    if config is None:
+        coca = [m for m in open_clip.list_models() if "coca" in m.lower()]
+        raise ModelError(f"unknown model {name!r}; CoCa models: {', '.join(coca)} (or hf-hub:ORG/REPO,"
+                         " local-dir:FOLDER)")
+    if "multimodal_cfg" not in config:
+        raise ModelError(
+            f"{name} is not a CoCa model: latent captioning needs a multimodal text decoder"
+            " (use a coca_* architecture)"
+        )
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -185,32 +229,43 @@ def _hub_cache_only(active: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
-class _DropRandomInitWarning(logging.Filter):
+class _OpenClipChatter(logging.Filter):
+    """open_clip's own progress lines (root logger, INFO: "Parsing model identifier ...", "Loaded built-in
+    ... config", ...) and its "initialized randomly" warning, which load_model says in its own words (and
+    which is false when a checkpoint is loaded right after)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No pretrained weights loaded")
+        if record.name != "root":
+            return True
+        return record.levelno > logging.INFO and not str(record.msg).startswith("No pretrained weights loaded")
 
 
 @contextmanager
-def _quiet_random_init(active: bool) -> Iterator[None]:
-    """open_clip warns that a model it built without weights is "initialized randomly"; when we load a
-    checkpoint right after, that warning is false, so drop it."""
-    drop = _DropRandomInitWarning()
-    if active:
-        logging.getLogger().addFilter(drop)  # open_clip logs it through the root logger
+def _quiet_open_clip() -> Iterator[None]:
+    """While open_clip builds a model, drop its chatter on the root logger (warnings about other things stay)."""
+    chatter = _OpenClipChatter()
+    logging.getLogger().addFilter(chatter)
     try:
         yield
     finally:
-        logging.getLogger().removeFilter(drop)
+        logging.getLogger().removeFilter(chatter)
 
 
-def _not_cached(name: str, pretrained: str, offline: bool, error: Exception) -> str:
-    cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    repo, file = os.path.split(cfg.get("hf_hub", ""))  # "org/repo/" (default file) or "org/repo/file"
-    source = f"{file or 'open_clip_model.safetensors'} from https://huggingface.co/{repo}" if repo else cfg.get("url")
+def _not_cached(name: str, pretrained: str | None, offline: bool, error: Exception) -> str:
     where = "the hub cannot be reached from here" if offline else f"downloading them failed ({error})"
-    return (f"weights {name}/{pretrained} are not in the local cache and {where}. On an offline machine, copy"
-            f" {source} to this machine and pass the file's path as --pretrained (or LV_PRETRAINED), or point"
-            " HF_HOME (or LV_MODEL_CACHE) at a hub cache that holds it.")
+    if _schema(name) == "hf-hub":
+        repo = name.removeprefix("hf-hub:")
+        what = f"the hub model {repo} (its config and weights)"
+        copy = (f"copy open_clip_config.json and open_clip_model.safetensors from https://huggingface.co/{repo}"
+                " into one folder and pass --model local-dir:FOLDER")
+    else:
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        repo, file = os.path.split(cfg.get("hf_hub", ""))  # "org/repo/" (default file) or "org/repo/file"
+        source = f"{file or 'open_clip_model.safetensors'} from https://huggingface.co/{repo}" if repo else cfg["url"]
+        what = f"weights {name}/{pretrained}"
+        copy = f"copy {source} to this machine and pass the file's path as --pretrained (or LV_PRETRAINED)"
+    return (f"{what} are not in the local cache and {where}. On an offline machine, {copy}, or point HF_HOME"
+            " (or LV_MODEL_CACHE) at a hub cache that holds it.")
 
 
 def _init_vocab_projection(model: CoCa) -> None:
@@ -225,13 +280,27 @@ def _init_vocab_projection(model: CoCa) -> None:
 def _load_checkpoint(model: CoCa, path: str, name: str) -> None:
     try:
         open_clip.load_checkpoint(model, path, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1:4]
-        raise ModelError(
-            f"checkpoint {path} does not match the {name} architecture: " + " ".join(s.strip() for s in first)
-        ) from e
-    except Exception as e:  # unreadable or not a checkpoint at all
-        raise ModelError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:  # a state dict of another architecture (RuntimeError, AssertionError), or no checkpoint
+        try:
+            state = load_state_dict(path)
+        except Exception as read_error:
+            raise ModelError(f"cannot read checkpoint {path}: {read_error}") from e
+        raise ModelError(f"checkpoint {path} does not match the {name} architecture: "
+                         f"{_state_mismatch(model.state_dict(), state) or e}") from e
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], found: dict, n: int = 3) -> str:
+    """The first keys a checkpoint lacks or has extra, and the first tensors of another shape, in words."""
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {list(found[k].shape)} where the model has {list(v.shape)}" for k, v in expected.items()
+              if k in found and hasattr(found[k], "shape") and found[k].shape != v.shape]
+    parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+             f"other shapes: {few(shapes)}" if shapes else ""]
+    return "; ".join(p for p in parts if p)
 
 
 def save_checkpoint(model: CoCa, path: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -27,15 +27,30 @@ RULE = (f"default: the model's own weights ({DEMO_PRETRAINED} for {DEMO_MODEL}, 
 
 
 def default_pretrained(model: str) -> str | None:
-    """The weights `model` means by default; None for random weights."""
+    """The weights `model` means by default; None for random weights (and for an hf-hub: / local-dir:
+    model, whose weights come with it)."""
     if model in PROJECT_DEFAULTS:
         return PROJECT_DEFAULTS[model]
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return None
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(model)
     if COCO_CAPTIONING_TAG in tags:
         return COCO_CAPTIONING_TAG
     return tags[0] if tags else None
+
+
+def weights_name(model: str, pretrained: str | None) -> str:
+    """The weights `resolve_pretrained` chose, as the log says them: the tag or file, the hub repository's
+    or folder's own for an hf-hub: / local-dir: model (they bring their weights), else 'none' (random)."""
+    if pretrained:
+        return pretrained
+    if model.startswith("hf-hub:"):
+        return f"the hub repository's own ({model.removeprefix('hf-hub:')})"
+    if model.startswith("local-dir:"):
+        return f"the folder's own ({model.removeprefix('local-dir:')})"
+    return NO_WEIGHTS
 
 
 def resolve_pretrained(model: str, pretrained: str | None) -> str | None:

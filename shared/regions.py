@@ -7,6 +7,7 @@ Syntax (CLI `--region`, `--regions`, the job option `regions`):
     x0,y0,x1,y1          ... in fractions of the image's width and height when ALL FOUR numbers lie in
                          [0, 1]: "0,0,1,1" is the whole image, "0.5,0,1,1" its right half. (A box in
                          pixels inside [0, 1] would be one pixel: never a patch of a model's input.)
+                         A Region object (JSON) without `units` follows the same rule.
     label=x0,y0,x1,y1    the same, named (letters, digits, _ . -; at most 40 characters)
     grid:RxC             R rows x C columns of equal cells tiling what the model sees of the image (its
                          input box: after a center crop, the middle of a wide image), labelled r{i}c{j}
@@ -45,13 +46,26 @@ class Region(BaseModel):
     x1: float = Field(ge=0, allow_inf_nan=False, description="right edge (exclusive), greater than x0")
     y1: float = Field(ge=0, allow_inf_nan=False, description="bottom edge (exclusive), greater than y0")
     units: Literal["px", "fraction", "input"] = Field(
-        "px", description="px: the image's own pixels; fraction: of its width and height (0-1); input: fractions"
-                          " of the part of the image the model's input shows (a result's input_box; grid cells)"
+        None, validate_default=False,
+        description="px: the image's own pixels; fraction: of its width and height (0-1); input: fractions of the"
+                    " part of the image the model's input shows (a result's input_box; grid cells). Unset: as for"
+                    " the text form, fraction when all four numbers lie in [0, 1], px otherwise",
     )
     label: str | None = Field(None, pattern=LABEL_PATTERN, description="a name; unset: r{k}, k its position")
     include_cls: bool = Field(
         False, description="the class token (which has seen the whole image) is read too; off: patches only"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_units(cls, data: object) -> object:
+        """Unset units: the one rule of both forms (`default_units`)."""
+        if isinstance(data, dict) and data.get("units") is None:
+            try:
+                return {**data, "units": default_units([float(data[k]) for k in ("x0", "y0", "x1", "y1")])}
+            except (KeyError, TypeError, ValueError):
+                return {**data, "units": "px"}  # the fields' own checks name what is wrong
+        return data
 
     @model_validator(mode="after")
     def _ordered(self) -> Region:
@@ -70,6 +84,12 @@ class Region(BaseModel):
         return f"region {self.label!r} ({self.box_text()})" if self.label else f"region ({self.box_text()})"
 
 
+def default_units(box: Sequence[float]) -> Literal["px", "fraction"]:
+    """A box given without units is in fractions of the image when all four numbers lie in [0, 1] (a box
+    of pixels inside [0, 1] would be one pixel: never a patch of a model's input), else in pixels."""
+    return "fraction" if all(0 <= v <= 1 for v in box) else "px"
+
+
 def parse_region(text: str) -> Region:
     """'[label=]x0,y0,x1,y1' -> Region (fractions when all four numbers are in [0, 1]); RegionError
     naming the text when it is not one."""
@@ -82,9 +102,8 @@ def parse_region(text: str) -> Region:
         raise RegionError(f"region {text!r}: expected x0,y0,x1,y1 (four numbers), label=x0,y0,x1,y1 or grid:RxC")
     if label and not re.match(LABEL_PATTERN, label):
         raise RegionError(f"region {text!r}: a name is 1-40 letters, digits, _ . or -")
-    units = "fraction" if all(0 <= v <= 1 for v in values) else "px"
     try:
-        return Region(x0=values[0], y0=values[1], x1=values[2], y1=values[3], units=units, label=label or None)
+        return Region(x0=values[0], y0=values[1], x1=values[2], y1=values[3], label=label or None)
     except ValidationError as e:
         raise RegionError(f"region {text!r}: {_reasons(e)}") from None
 

@@ -19,7 +19,9 @@ class DecodeParams(BaseModel):
 
     strategy: Strategy = "greedy"
     seq_len: int = Field(30, ge=2, le=77, description="max tokens per caption, start and end token included")
-    min_seq_len: int = Field(5, ge=1, description="the end token is blocked while fewer tokens are present")
+    min_seq_len: int | None = Field(None, ge=1, description="the end token is blocked while fewer tokens are present;"
+                                    " unset: the model's own default (5 for CoCa, as open_clip's generate; none for"
+                                    " LLaVA and BLIP, as transformers' generate)")
     temperature: float = Field(1.0, gt=0, description="sample: softmax temperature (after top-k/top-p)")
     top_k: int | None = Field(None, ge=1, description="sample: keep the k most likely tokens")
     top_p: float | None = Field(None, gt=0, le=1, description="sample: keep the smallest set reaching p")
@@ -30,7 +32,7 @@ class DecodeParams(BaseModel):
 
     @model_validator(mode="after")
     def _lengths(self) -> DecodeParams:
-        if self.min_seq_len >= self.seq_len:
+        if self.min_seq_len is not None and self.min_seq_len >= self.seq_len:
             raise ValueError(f"min_seq_len ({self.min_seq_len}) must be smaller than seq_len ({self.seq_len})")
         return self
 
@@ -60,6 +62,19 @@ class LayerCaption(BaseModel):
         None, description="cosine of the text embeddings of this caption and the deepest selected layer's (a"
                           " region's caption: the same region's at that layer)"
     )
+    # Likelihood grounding (services/decoder/pmi.py, shared/pmi.py; absent when grounding is off). Natural
+    # logs: ln p(token | prefix, this image) - ln p(token | prefix, gray null image), both at this layer.
+    pmi: list[float] | None = Field(None, description="per token of `tokens`: how much more likely the image made"
+                                                      " it than the null input (nats; > tau: supported)")
+    word_pmi: list[float] | None = Field(
+        None, description="per whitespace-separated word of `caption`: the mean of its tokens' pmi (null when"
+                          " tokens and words do not match up)"
+    )
+    image_pmi: float | None = Field(None, description="mean pmi over the tokens")
+    supported_share: float | None = Field(
+        None, description="share of the caption's content words (not function words) whose pmi exceeds tau"
+                          " (shared/pmi.py); null: no content words"
+    )
 
 
 class RegionResult(BaseModel):
@@ -70,7 +85,9 @@ class RegionResult(BaseModel):
     box: list[float] = Field(min_length=4, max_length=4, description="x0, y0, x1, y1 in the image's pixels,"
                                                                      " clipped to the image")
     patches: int = Field(description="patches of the model's input the region's pooler queries read")
-    layers: list[LayerCaption]
+    layers: list[LayerCaption] = Field(description="its captions per layer; empty when it failed on this image")
+    error: str | None = Field(None, description="why the region has no captions on this image (it covers no"
+                                                " patch of the model's input); the image's own captions stand")
 
 
 class ImageResult(BaseModel):

@@ -13,13 +13,21 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # The offline demo model the project trains and ships (shared/weights/); the default everywhere.
 DEMO_MODEL = "coca_synth_demo"
 DEMO_PRETRAINED = "synth-v2"
+# The offline LLaVA-architecture demo model (shared/weights/llava_synth_demo/, a save_pretrained directory).
+LLAVA_DEMO_MODEL = "llava_synth_demo"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LV_", extra="ignore")
 
     # --- model (encoder and decoder stages) ---
-    model: str = Field(DEMO_MODEL, description="open_clip CoCa architecture name")
+    model: str = Field(DEMO_MODEL, description="an open_clip CoCa name, a project model (coca_synth_demo,"
+                                               " llava_synth_demo), a Hugging Face id org/name or a directory"
+                                               " written by save_pretrained (services.families.naming)")
+    family: str | None = Field(None, description="coca | llava | blip: forces the model's family; unset: from the"
+                                                 " name (a directory's config.json model_type)")
+    prompt: str | None = Field(None, description="LLaVA's captioning prompt / BLIP's text prefix; unset: the"
+                                                 " family's default (CoCa takes none)")
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag, project tag, checkpoint file path, or 'none' (random weights);"
                           " unset: the model's own default (shared.pretrained)"
@@ -35,6 +43,10 @@ class Settings(BaseSettings):
     # --- batching ---
     encode_batch: int = Field(32, description="images per vision-tower forward")
     decode_batch: int = Field(256, description="caption rows (images x layers) decoded together")
+
+    # --- LLaVA family (services/families/llava.py) ---
+    rescale_layers: bool = Field(False, description="LLaVA: rescale each layer's vision tokens to the feature"
+                                                    " layer's mean token norm before the projector")
 
     # --- grounding (issue 14) ---
     grounding_gallery: int = Field(1000, ge=2, description="most images a caption's retrieval rank is taken"

@@ -23,7 +23,7 @@ class Taxonomy(BaseModel):
     labels: list[str]
     merged_classes: dict[str, list[str]]
     plot_threshold_percent: float
-    plot_names: dict[str, str]
+    plot_names: dict[str, str]  # the reference figure's classes, in its order (and its names, for benches)
     colors: dict[str, str]
 
     @model_validator(mode="after")
@@ -55,9 +55,6 @@ class Taxonomy(BaseModel):
     def color(self, cls: str) -> str:
         """A class's colour (hex), the same in every figure and page."""
         return self.colors[cls]
-
-    def plot_name(self, cls: str) -> str:
-        return self.plot_names.get(cls, cls)
 
 
 @lru_cache

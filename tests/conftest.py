@@ -10,15 +10,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from latent_verbalizer.shared.models import LoadedModel, load_model  # noqa: E402
+from latent_verbalizer.services.families import Family, load_family  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def tiny() -> LoadedModel:
+def tiny() -> Family:
     """coca_tiny with random weights from the fixed seed."""
-    return load_model("coca_tiny")
+    return load_family("coca_tiny")
 
 
 @pytest.fixture(scope="session")
@@ -28,12 +28,12 @@ def pixels(tiny) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def trained_like() -> LoadedModel:
+def trained_like() -> Family:
     """coca_tiny with random scales and shifts in every norm and random biases, as trained weights have
     them: random init leaves norms at 1 and 0 and biases at 0, which would hide a mistake in how the
     cached decoder folds the image-side norm and projections into its cross-attention, or in how
     the encoder's and decoder's own block code applies biases."""
-    lm = load_model("coca_tiny")
+    lm = load_family("coca_tiny")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for module in lm.model.modules():

@@ -14,6 +14,7 @@ from latent_verbalizer.services.categorizer.models import CaptionLabels, Phrase
 from latent_verbalizer.services.categorizer.reference import parse_answer, read_reference_labels
 from latent_verbalizer.services.categorizer.report import write_report
 from latent_verbalizer.services.cli import main
+from latent_verbalizer.shared.pmi import TAU
 from latent_verbalizer.shared.schemas import ImageResult, LayerCaption
 from latent_verbalizer.shared.taxonomy import UNKNOWN, load_taxonomy
 
@@ -65,7 +66,7 @@ def test_report_files(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["source"] == "test" and summary["layers"][0]["counted"] == 2
     assert summary["layers"][1]["mean_entropy"] == 4.0
-    assert summary["plotted"]["objects"] == "Inanimate Object"
+    assert summary["plotted"]["objects"] == "objects"  # one name per class: distribution.csv's column
 
 
 def test_reference_parser_keeps_duplicates_and_tolerates_odd_values():
@@ -232,4 +233,57 @@ def test_taxonomy_folds_labels_and_colours_every_class():
     assert all(taxonomy.merge(label) in taxonomy.classes for label in taxonomy.labels)
     colours = [taxonomy.color(c) for c in taxonomy.classes]
     assert len(set(colours)) == len(colours) and all(c.startswith("#") and len(c) == 7 for c in colours)
-    assert taxonomy.plot_name("objects") == "Inanimate Object" and taxonomy.plot_name("money") == "money"
+
+
+def grounded(*phrases: tuple[str, float | None]) -> CaptionLabels:
+    """A caption whose phrases (main label, pmi) carry likelihood grounding (supported: pmi > TAU)."""
+    return CaptionLabels(caption="c", phrases=[
+        Phrase(text=m, labels=[m], pmi=v, supported=None if v is None else v > TAU) for m, v in phrases])
+
+
+def test_the_chart_of_supported_phrases_counts_only_what_the_image_supports(tmp_path):
+    labels = {
+        0: [grounded(("color", TAU + 2), ("object", 0.1), ("color", -1.0), ("male", TAU + 1)),  # color 25, person 25
+            grounded(("color", 0.0), ("actions", None)),  # the unmatched phrase is out: 0 of 1 supported
+            caption("color")],  # no grounding: out
+        2: [grounded(("object", TAU + 0.5))],
+    }
+    result = analyze(labels)
+    assert result.supported.share == [pytest.approx(2 / 5), 1.0] and result.supported.phrases == [5, 1]
+    row = dict(zip(result.classes, result.supported.percent[0]))
+    assert row["color"] == pytest.approx(12.5) and row["person"] == pytest.approx(12.5)  # (25 + 0) / 2 captions
+    assert sum(row.values()) == pytest.approx(25.0)  # the layer's mean supported percentage, not 100
+    assert analyze(LABELS).supported is None  # no PMI anywhere: no chart of it
+
+    paths = write_report(result, tmp_path)
+    assert {"distribution_supported.csv", "figure_supported.png"} <= {p.name for p in paths}
+    rows = list(csv.DictReader((tmp_path / "distribution_supported.csv").open()))
+    assert float(rows[0]["color"]) == pytest.approx(12.5) and float(rows[0]["unsupported"]) == pytest.approx(75.0)
+    assert float(rows[1]["objects"]) == pytest.approx(100.0) and float(rows[1]["unsupported"]) == pytest.approx(0.0)
+    assert (tmp_path / "figure_supported.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["supported"]["tau"] == TAU and summary["supported"]["share"] == [pytest.approx(0.4), 1.0]
+    assert summary["layers"][0]["supported_share"] == pytest.approx(0.4)
+    assert summary["layers"][1]["top_supported_classes"]["objects"] == 100.0
+    without = tmp_path / "plain"
+    assert "figure_supported.png" not in {p.name for p in write_report(analyze(LABELS), without)}
+
+
+def test_categorize_gives_phrases_the_pmi_of_their_words_in_each_image(tmp_path):
+    def result(i: int, word_pmi: list[float] | None) -> str:
+        layer = LayerCaption(layer=0, caption="a man riding a horse", tokens=[], entropy=[], mean_entropy=1.0,
+                             word_pmi=word_pmi)
+        return ImageResult(id=str(i), source="x", layers=[layer]).model_dump_json()
+
+    results = tmp_path / "results.jsonl"
+    word_pmi = [[0.0, 2 * TAU + 2, TAU - 1, 0.0, 2 * TAU], [0.0, 0.2, 0.1, 0.0, 2 * TAU + 6]]
+    results.write_text("\n".join([result(0, word_pmi[0]), result(1, word_pmi[1])]))
+    labels, out = tmp_path / "labels.json", tmp_path / "report"
+    assert main(["categorize", str(results), "--backend", "embedded", "--out", str(labels)]) == 0
+    first, second = json.loads(labels.read_text())["layer_0"]  # one caption, labelled once, two images' PMIs
+    assert [(p["text"], p["pmi"], p["supported"]) for p in first["phrases"]] == [
+        ("a man", TAU + 1, True), ("riding", TAU - 1, False), ("a horse", TAU, False)]
+    assert [(p["pmi"], p["supported"]) for p in second["phrases"]] == [(0.1, False), (0.1, False), (TAU + 3, True)]
+    assert main(["analyze", str(labels), "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["layers"][0]["supported_share"] == pytest.approx(2 / 6)
+    assert (out / "figure_supported.png").exists() and (out / "distribution_supported.csv").exists()

@@ -36,7 +36,7 @@ def items(n: int = 3) -> list[ImageItem]:
 def brute_force(lm, pixels: torch.Tensor, layer: int, tokens: list[int]) -> torch.Tensor:
     """One caption's maps [S, gh, gw] through open_clip's modules, every decoder layer averaged."""
     image_tokens, pool_weights = reference.pooler_weights(lm.model.visual, pixels, layer)
-    cross = reference.cross_attention(lm.model, image_tokens, tokens, lm.sot_id).mean(0)  # [S, Q-1]
+    cross = reference.cross_attention(lm.model, image_tokens, tokens, lm.start_id).mean(0)  # [S, Q-1]
     return reference.maps(pool_weights, cross, tuple(lm.model.visual.grid_size))
 
 

@@ -98,7 +98,7 @@ def test_a_reused_folder_is_refused_naming_overwrite_or_replaced_whole(first_run
     (out / "labels.json").write_text("{}")  # something the user added to the run: it goes with the run
     assert main(["verbalize", str(one), "--out", str(out), *FAST, "--overwrite"]) == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"results.jsonl", "captions.json", "prior.json", MARKER}  # no regions.csv, features/, ...
+    assert names == {"results.jsonl", "captions.json", "captions.csv", "run.json", "prior.json", MARKER}
     assert [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()] == ["p0"]
     assert json.loads((out / MARKER).read_text())["command"] == "verbalize" and not leftovers(out)
 

@@ -18,7 +18,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "constraints.txt"
 PROJECT = "latent-verbalizer"
-LOCKED_EXTRAS = ("dev", "deploy")  # `make lock`; the vllm extra is for GPU machines and is not pinned
+LOCKED_EXTRAS = ("dev", "deploy", "notebook")  # `make lock`; the vllm extra is for GPU machines and is not pinned
 VIA_PYPROJECT = f"{PROJECT} (pyproject.toml)"
 # A virtual environment's own installers, which its creator chose (a worktree's venv keeps them while it
 # borrows another venv's packages); the images install pip's pin explicitly.

@@ -15,6 +15,7 @@ from latent_verbalizer.services.demo.evaluate import png_bytes
 from latent_verbalizer.services.demo.scoring import score
 from latent_verbalizer.services.demo.synth import Scene, SceneObject, render
 from latent_verbalizer.services.demo.train import TrainConfig, train
+from latent_verbalizer.services.families.coca import CocaFamily
 from latent_verbalizer.services.pipeline import verbalize
 from latent_verbalizer.shared.images import ImageItem
 from latent_verbalizer.shared.models import PROJECT_WEIGHTS, load_model
@@ -32,7 +33,7 @@ FIXED_SCENES = [
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_model(DEMO_MODEL, DEMO_PRETRAINED)
+    return CocaFamily(load_model(DEMO_MODEL, DEMO_PRETRAINED))
 
 
 def test_shipped_weights_are_small_fp16():

@@ -13,10 +13,10 @@ from service_stack import TINY, free_port, image_bytes, redis_server, service, s
 
 from latent_verbalizer.services.cli import main
 from latent_verbalizer.services.decoder import grounding, null_cache
-from latent_verbalizer.services.decoder.grounding import caption_grounded, gray_pixels, retrieval_ranks, token_f1
+from latent_verbalizer.services.decoder.grounding import caption_grounded, retrieval_ranks, token_f1
 from latent_verbalizer.services.decoder.stage import decode
 from latent_verbalizer.services.encoder.stage import check_layers, encode, encode_grounded
-from latent_verbalizer.shared.models import load_model
+from latent_verbalizer.services.families import load_family
 from latent_verbalizer.shared.schemas import DecodeParams
 
 SOT, EOT, PAD = 49406, 49407, 0
@@ -117,11 +117,11 @@ def latents_all(tiny, pixels):
 def test_image_score_is_open_clip_cosine_and_gray_input_is_prior(model, pixels, request):
     lm = request.getfixturevalue(model)
     grounding.forget_null_captions(lm.model)
-    images = torch.cat([pixels[:3], gray_pixels(lm)])  # the last image IS the null input
+    images = torch.cat([pixels[:3], lm.null_pixels()])  # the last image IS the null input
     layers = [2, 0]
     latents, embeddings = encode_grounded(lm.model.visual, images, layers)
     params = DecodeParams(seq_len=10)
-    g = caption_grounded(lm, latents, embeddings, layers, ["a", "b", "c", "gray"], params)
+    g = caption_grounded(lm, latents, embeddings, latents[:, 3:], layers, ["a", "b", "c", "gray"], params)
     image_latent = lm.model.encode_image(images)
     for i, per_image in enumerate(g.captions):
         text_latent = lm.model.encode_text(torch.stack([open_clip_ids(lm, c.tokens) for c in per_image]))
@@ -138,7 +138,7 @@ def test_image_score_is_open_clip_cosine_and_gray_input_is_prior(model, pixels, 
             assert c.prior_overlap == pytest.approx(token_f1(c.tokens, null.tokens))
     # kept per (model, layers, params): a later batch reuses the same gray captions
     (kept,) = grounding._null[lm.model].values()
-    again = caption_grounded(lm, latents[:, :1], embeddings[:1], layers, ["a"], params)
+    again = caption_grounded(lm, latents[:, :1], embeddings[:1], latents[:, 3:], layers, ["a"], params)
     (still,) = grounding._null[lm.model].values()
     assert still is kept and again.null_captions == g.null_captions
     assert again.captions[0][0].image_score == pytest.approx(g.captions[0][0].image_score, abs=1e-6)
@@ -160,18 +160,19 @@ def fresh_run(lm, pixels, layers=(3, 1), params=DecodeParams(seq_len=8)):
     """caption_grounded of two images as a fresh process runs it: nothing kept in the process."""
     grounding.forget_null_captions(lm.model)
     latents, embeddings = encode_grounded(lm.model.visual, pixels[:2], list(layers))
-    g = caption_grounded(lm, latents, embeddings, list(layers), ["a", "b"], params)
+    null = encode(lm.model.visual, lm.null_pixels(), list(layers))  # [L, 1, N, D]
+    g = caption_grounded(lm, latents, embeddings, null, list(layers), ["a", "b"], params)
     return g.null_captions, [[(c.caption, c.prior, c.prior_overlap) for c in per_image] for per_image in g.captions]
 
 
 def test_gray_captions_kept_on_disk_serve_a_fresh_process_of_the_same_model_layers_and_params(
         pixels, gray_cache, monkeypatch):
-    lm = load_model("coca_tiny")  # the fixed seed's weights, a model object of its own
+    lm = load_family("coca_tiny")  # the fixed seed's weights, a model object of its own
     rows = decoded_rows(monkeypatch)
     first = fresh_run(lm, pixels)
     assert rows == [2 * 2 + 2] and len(list(gray_cache.glob("*.json"))) == 1
     assert fresh_run(lm, pixels) == first and rows[-1] == 2 * 2  # read from disk: only the images' rows
-    assert fresh_run(load_model("coca_tiny"), pixels) == first and rows[-1] == 2 * 2  # same weights, new object
+    assert fresh_run(load_family("coca_tiny"), pixels) == first and rows[-1] == 2 * 2  # same weights, new object
 
     assert fresh_run(lm, pixels, params=DecodeParams(seq_len=9))[0] and rows[-1] == 2 * 2 + 2
     assert fresh_run(lm, pixels, layers=(3, 0)) and rows[-1] == 2 * 2 + 2
@@ -184,7 +185,7 @@ def test_gray_captions_kept_on_disk_serve_a_fresh_process_of_the_same_model_laye
 
 
 def test_weights_fingerprint_follows_every_change_of_a_weight(tiny):
-    lm = load_model("coca_tiny")
+    lm = load_family("coca_tiny")
     before = null_cache.weights_fingerprint(lm.model)
     assert null_cache.weights_fingerprint(tiny.model) == before  # same weights, another object
     weight = lm.model.text.token_embedding.weight  # [vocabulary, width]

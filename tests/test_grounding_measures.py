@@ -18,6 +18,7 @@ from latent_verbalizer.services.cli import main
 from latent_verbalizer.services.demo.synth import write_dataset
 from latent_verbalizer.shared.grounding import (
     as_results,
+    cider_axis,
     grounding_outputs,
     layer_grounding,
     read_references,
@@ -195,3 +196,11 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_the_cider_axis_starts_at_zero_and_does_not_zoom_into_noise():
+    """Two images' CIDEr-D of 0.0053-0.0060 lie flat near zero (the axis reaches at least 1), and a higher
+    score still fits."""
+    low, high = cider_axis([0.0053, 0.0060])
+    assert low <= 0 < high and (0.0060 - 0.0053) / (high - low) < 0.001
+    assert cider_axis([2.5])[1] > 2.5 and cider_axis([])[1] >= 1

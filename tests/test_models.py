@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latent_verbalizer.services.encoder.stage import encode
+from latent_verbalizer.services.families import load_family
 from latent_verbalizer.shared.models import ModelError, load_model, save_checkpoint
 
 
@@ -69,7 +70,7 @@ def test_weights_missing_offline_say_what_to_do(tmp_path, monkeypatch):
 def test_reduced_precision_decodes(pixels):
     from latent_verbalizer.services.decoder.stage import caption_layers
 
-    lm = load_model("coca_tiny", dtype="bf16")
+    lm = load_family("coca_tiny", dtype="bf16")
     latents = encode(lm.model.visual, pixels.to(torch.bfloat16), [0, 3])
     caps = caption_layers(lm, latents, [0, 3], [str(i) for i in range(6)])
     assert all(c.tokens for per_image in caps for c in per_image)

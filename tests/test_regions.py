@@ -13,7 +13,7 @@ from PIL import Image
 
 from latent_verbalizer.services.cli import main
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings
-from latent_verbalizer.services.encoder.regions import input_box, key_mask, locate, placement
+from latent_verbalizer.services.encoder.regions import input_box, key_mask, locate, placement, transform_geometry
 from latent_verbalizer.services.encoder.stage import capture_blocks, pool_layers, pool_regions
 from latent_verbalizer.services.pipeline import verbalize
 from latent_verbalizer.shared.images import ImageItem
@@ -37,8 +37,7 @@ def png(seed: int, size: tuple[int, int]) -> bytes:
 
 
 def geometry(lm):
-    visual = lm.model.visual
-    return lm.preprocess, visual.image_size, visual.patch_size
+    return lm.geometry
 
 
 # --- what a user writes ---
@@ -52,6 +51,16 @@ def test_boxes_in_pixels_and_fractions():
     assert (cup.label, cup.units, cup.x0) == ("cup", "px", 1.5)
     regions = parse_regions(["1,2,3,4", "cup=0,0,0.5,0.5", "5,6,7,8"], include_cls=True)
     assert [r.label for r in regions] == ["r0", "cup", "r2"] and all(r.include_cls for r in regions)
+
+
+def test_a_region_object_without_units_follows_the_text_rule():
+    for box in ({"x0": 0, "y0": 0, "x1": 0.5, "y1": 1}, {"x0": 10, "y0": 20, "x1": 30, "y1": 40}):
+        (as_object,) = parse_regions([box])
+        (as_text,) = parse_regions([",".join(str(box[k]) for k in ("x0", "y0", "x1", "y1"))])
+        assert as_object == as_text
+    assert parse_regions([{"x0": 0, "y0": 0, "x1": 1, "y1": 1, "units": "px"}])[0].units == "px"  # as given
+    with pytest.raises(RegionError, match="x1"):
+        parse_regions([{"x0": 0, "y0": 0, "y1": 1}])
 
 
 def test_grid_cells_tile_the_image():
@@ -119,44 +128,41 @@ def test_placement_is_what_the_preprocessing_does(tiny):
 
 
 def test_key_mask_geometry(tiny):
-    preprocess, image_size, patch_size = geometry(tiny)
     # A 64x48 image becomes 42x32 (x scale 42/64), cropped from x = 5: its top-right quarter is input x 16..37,
     # y 0..16, which holds patch columns 2 and 3 of rows 0 and 1 whole.
     top_right = parse_regions(["0.5,0,1,0.5"])
-    mask = key_mask(top_right, [(64, 48)], preprocess, image_size, patch_size)  # [1, 1, 17]
+    mask = key_mask(top_right, [(64, 48)], geometry(tiny))  # [1, 1, 17]
     assert mask.shape == (1, 1, 17) and not mask[0, 0, 0]  # the class token is left out by default
     seen = mask[0, 0, 1:].view(4, 4)
     assert seen.tolist() == [[False, False, True, True], [False, False, True, True], [False] * 4, [False] * 4]
     with_cls = parse_regions(["0.5,0,1,0.5"], include_cls=True)
-    assert key_mask(with_cls, [(64, 48)], preprocess, image_size, patch_size)[0, 0, 0]
+    assert key_mask(with_cls, [(64, 48)], geometry(tiny))[0, 0, 0]
 
 
 def test_grid_cells_share_out_the_patches(tiny):
     """A grid tiles what the model sees (the input box): on any image every patch of the input is read by
     exactly one cell of a grid whose cells are whole patches, and by at most one of any grid."""
-    preprocess, image_size, patch_size = geometry(tiny)
     for size in [(96, 64), (64, 96), (32, 32), (33, 200)]:
         for grid, cells in [("grid:4x4", 16), ("grid:2x2", 4), ("grid:1x4", 4)]:
-            mask = key_mask(parse_regions([grid]), [size], preprocess, image_size, patch_size)[0]  # [cells, 17]
+            mask = key_mask(parse_regions([grid]), [size], geometry(tiny))[0]  # [cells, 17]
             assert mask.shape == (cells, 17) and mask[:, 1:].sum(0).tolist() == [1] * 16, (size, grid)
         # 3x3 cells on the demo model's 8x8 grid: no patch read twice, every cell reads some (not every patch is
         # more than half inside one cell). On coca_tiny's 4x4 grid the middle cell would read none.
-        mask = key_mask(parse_regions(["grid:3x3"]), [size], image_transform(64, is_train=False), (64, 64),
-                        patch_size)[0]  # [9, 65]
+        demo = transform_geometry(image_transform(64, is_train=False), 64, 8)
+        mask = key_mask(parse_regions(["grid:3x3"]), [size], demo)[0]  # [9, 65]
         assert mask[:, 1:].sum(0).max() == 1 and mask[:, 1:].any(1).all()
-    located = locate(parse_regions(["grid:2x2"]), (96, 64), preprocess, image_size, patch_size)
+    located = locate(parse_regions(["grid:2x2"]), (96, 64), geometry(tiny))
     assert located.input_box == (16, 0, 80, 64) and located.boxes[3] == (48, 32, 80, 64)
 
 
-def test_a_region_covering_no_patch_is_named(tiny):
-    preprocess, image_size, patch_size = geometry(tiny)
-    with pytest.raises(RegionError) as e:
-        locate(parse_regions(["0,0,3,3"]), (32, 32), preprocess, image_size, patch_size)
-    assert "region 'r0' (0,0,3,3 px) covers no whole 8x8-px patch of the model's input" in str(e.value)
-    with pytest.raises(RegionError, match="'far'"):  # outside the image: clipped to nothing
-        locate(parse_regions(["far=100,100,200,200"]), (64, 64), preprocess, image_size, patch_size)
-    located = locate(parse_regions(["0,0,12,12", "grid:2x2"]), (32, 32), preprocess, image_size, patch_size)
-    assert located.patches == [1, 4, 4, 4, 4] and located.boxes[0] == (0, 0, 12, 12)
+def test_a_region_covering_no_patch_fails_alone_and_is_named(tiny):
+    located = locate(parse_regions(["0,0,3,3", "far=100,100,200,200", "0,0,12,12", "grid:2x2"]), (64, 64),
+                     geometry(tiny))
+    assert "region 'r0' (0,0,3,3 px) covers no whole 8x8-px patch of the model's input" in located.errors[0]
+    assert "region 'far'" in located.errors[1]  # outside the image: clipped to nothing
+    assert located.errors[2:] == [None] * 5
+    assert located.patches == [0, 0, 1, 4, 4, 4, 4] and located.boxes[2] == (0, 0, 12, 12)
+    assert located.mask[:2].all() and not located.mask[2:, 0].any()  # a failed region's placeholder: every position
 
 
 # --- the pooler's key mask ---
@@ -173,7 +179,7 @@ def test_every_key_seen_is_the_unmasked_computation(tiny, pixels):
 def test_a_masked_key_has_no_influence(tiny, pixels):
     visual = tiny.model.visual
     hidden = capture_blocks(visual, pixels[:2], [1, 3])  # [2, 2, 17, C]
-    mask = key_mask(parse_regions(["0,0,16,16"]), [(32, 32)] * 2, *geometry(tiny))  # the top-left 2x2 patches
+    mask = key_mask(parse_regions(["0,0,16,16"]), [(32, 32)] * 2, geometry(tiny))  # the top-left 2x2 patches
     assert mask[0, 0].nonzero().flatten().tolist() == [1, 2, 5, 6]
     before, _ = pool_regions(visual, hidden, mask)
     g = torch.Generator().manual_seed(0)
@@ -240,8 +246,12 @@ def test_cli_regions_and_grid(tmp_path):
                  "--region", "0,0,30,30", "--region", "cup=0,0,0.5,0.5", "--regions", "grid:2x2"])
     assert code == 0
     results = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    # 30x30 px of a 400x300 image is 3.2 px of the input: that image fails, naming the region.
-    assert "region 'r0' (0,0,30,30 px) covers no whole 8x8-px patch" in results["large"]["error"]
+    # 30x30 px of a 400x300 image is 3.2 px of the input: that region fails on that image, named; the image's
+    # captions and its other regions stand.
+    large = results["large"]
+    assert "error" not in large and [c["layer"] for c in large["layers"]] == [0, 1, 2, 3]
+    assert "region 'r0' (0,0,30,30 px) covers no whole 8x8-px patch" in large["regions"][0]["error"]
+    assert large["regions"][0]["layers"] == [] and all(len(r["layers"]) == 4 for r in large["regions"][1:])
     small = results["small"]
     # 40x30 -> 42x32 (scale 1.05 across), cropped from x = 5: the input shows x 5/1.05 .. 37/1.05 of the image.
     assert small["size"] == [40, 30] and small["input_box"] == pytest.approx([5 / 1.05, 0, 37 / 1.05, 30])
@@ -252,9 +262,10 @@ def test_cli_regions_and_grid(tmp_path):
         assert region["patches"] > 0 and len(region["box"]) == 4
     with open(out / "regions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 * 4 and {r["id"] for r in rows} == {"small"}
+    assert len(rows) == (6 + 5) * 4 and {r["id"] for r in rows} == {"small", "large"}
     cup = small["regions"][1]["layers"][0]["caption"]
-    assert (rows[4]["region"], rows[4]["layer"], rows[4]["caption"]) == ("cup", "0", cup)
+    small_rows = [r for r in rows if r["id"] == "small"]
+    assert (small_rows[4]["region"], small_rows[4]["layer"], small_rows[4]["caption"]) == ("cup", "0", cup)
 
 
 @pytest.mark.parametrize("args, reason", [

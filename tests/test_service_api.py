@@ -45,9 +45,12 @@ def api(stack):
 
 
 def refused(response: httpx.Response, status: int, reason: str) -> None:
+    """A refusal with its JSON reason; a 422 also names the part of the request at fault (`field`)."""
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, str) and reason in detail, detail
+    if status == 422:
+        assert response.json().get("field"), response.text
 
 
 def test_health_options_docs(api):
@@ -173,6 +176,9 @@ def test_shard_paths(stack, tmp_path):
     refused(api.post("/v1/jobs", json={"shards": ["fake.tar"]}), 415, "not a .tar shard")
     refused(api.post("/v1/jobs", json={"shards": ["http://example.com/a.tar"]}), 403, "disabled")
     refused(api.post("/v1/jobs", json={"shards": ["s3://bucket/a.tar"]}), 422, "presigned")
+    refused(api.post("/v1/jobs", json={"shards": [" "]}), 422, "bad shard path")
+    (root / "empty.tar").write_bytes(tar_bytes({"readme.txt": b"hello"}))
+    assert api.post("/v1/jobs", json={"shards": ["empty.tar"]}).json()["field"] == "shards"
     for shard in ("ok.tar", str(root / "ok.tar"), "inside.tar"):
         assert api.post("/v1/jobs", json={"shards": [shard]}).status_code == 202
 
@@ -202,7 +208,7 @@ def test_chunk_counts_and_status_moves_happen_once(stack):
     store.write_lines(job_id, "captions", 0, ["a", "b"])
     store.write_lines(job_id, "captions", 0, ["a", "b"])  # a retried task replaces, never appends
     store.write_lines(job_id, "captions", 1, ["c"])
-    assert store.write_results(job_id, "captions", 2).read_text() == "a\nb\nc\n"
+    assert store.write_results(job_id, [("captions", 0), ("captions", 1)]).read_text() == "a\nb\nc\n"
 
 
 def test_heartbeats_drive_readiness_and_job_hints(stack, api):

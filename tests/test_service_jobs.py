@@ -2,6 +2,8 @@
 worker processes on coca_tiny) against a private redis-server, over real HTTP. Its LLM server (for jobs
 asking for the openai backend) is a stand-in that fails every completion, then goes away."""
 
+import csv
+import io
 import json
 import os
 import signal
@@ -32,7 +34,9 @@ from service_stack import (
 
 from latent_verbalizer.services.categorizer.stage import make_labeler
 from latent_verbalizer.services.categorizer.worker import labels_or_reasons
+from latent_verbalizer.shared.artifacts import INTERMEDIATE
 from latent_verbalizer.shared.attributions import map_key, read_attributions
+from latent_verbalizer.shared.pmi import TAU
 from latent_verbalizer.shared.settings import Settings
 
 LAYERS = [0, 1, 2, 3]
@@ -134,8 +138,15 @@ def test_three_images_categorized(stack):
         assert_captioned(r, categorized=True)
     summary = api.get(f"/v1/jobs/{job_id}/summary").json()
     assert [layer["layer"] for layer in summary["layers"]] == LAYERS and summary["images"] == 3
-    for name, magic in [("figure.png", b"\x89PNG"), ("entropy.png", b"\x89PNG"), ("distribution.csv", b"layer,")]:
+    for name, magic in [("figure.png", b"\x89PNG"), ("entropy.png", b"\x89PNG"), ("distribution.csv", b"layer,"),
+                        ("figure_supported.png", b"\x89PNG"), ("distribution_supported.csv", b"layer,")]:
         assert api.get(f"/v1/jobs/{job_id}/{name}").content.startswith(magic)
+    # likelihood grounding (on by default): every caption's tokens and every found phrase have a PMI
+    captions = [c for r in lines for c in r["layers"]]
+    assert all(len(c["pmi"]) == len(c["tokens"]) for c in captions)
+    assert all(p["supported"] == (p["pmi"] > TAU) for c in captions for p in c["phrases"] if "pmi" in p)
+    assert "supported" in summary and all("supported_share" in layer for layer in summary["layers"])
+    assert api.get(f"/v1/jobs/{job_id}").json()["links"]["figure_supported"].endswith("/figure_supported.png")
     metrics = api.get("/metrics").text
     assert 'lv_jobs_ended_total{status="succeeded"}' in metrics
     assert 'lv_chunk_seconds_count{stage="categorize"}' in metrics
@@ -157,6 +168,11 @@ def test_shard_job(stack):
     for r in lines:
         assert_captioned(r, categorized=False)
     assert api.get(f"/v1/jobs/{job['id']}/figure.png").status_code == 404  # not categorized
+    no_regions = api.get(job["links"]["regions"])
+    assert no_regions.status_code == 404 and "asked for no regions" in no_regions.json()["detail"]
+    table = list(csv.DictReader(io.StringIO(api.get(job["links"]["captions"]).text)))  # captions.csv
+    assert [(row["id"], int(row["layer"])) for row in table] == [(r["id"], layer) for r in lines for layer in LAYERS]
+    assert table[0]["caption"] == lines[0]["layers"][0]["caption"] and table[0]["mean_entropy"]
     assert api.get(f"/v1/jobs/{job['id']}/entropy.png").content.startswith(b"\x89PNG")
     summary = api.get(f"/v1/jobs/{job['id']}/summary").json()
     assert [layer["layer"] for layer in summary["layers"]] == LAYERS
@@ -180,40 +196,60 @@ def test_healthcheck_command(stack):
     assert subprocess.run([*check, "gateway"], env=nobody_there, capture_output=True).returncode == 1
 
 
-def test_one_corrupt_image(stack):
+def test_corrupt_images_fail_alone_and_are_named(stack):
     api = stack.api
     files = [("files", ("good.png", image_bytes(6))),
              ("files", ("broken.jpg", image_bytes(7, size=(200, 200), fmt="JPEG")[:700])),
-             ("files", ("fine.jpg", image_bytes(8, fmt="JPEG")))]
+             ("files", ("fine.jpg", image_bytes(8, fmt="JPEG"))),
+             ("files", ("cut.png", image_bytes(9, size=(64, 64))[:300])),
+             ("files", ("ok.webp", image_bytes(10, fmt="WEBP")))]
     job = wait_job(api, submit(api, files, {"categorize": False}))
-    assert job["status"] == "succeeded" and job["progress"]["failed_images"] == 1, job
+    assert job["status"] == "succeeded" and job["progress"]["failed_images"] == 2, job
+    (warning,) = job["warnings"]
+    assert warning.startswith("2 of 5 images failed: broken (corrupt jpeg image") and "; cut (" in warning, warning
     by_id = {r["id"]: r for r in results(api, job["id"])}
     assert "corrupt jpeg image" in by_id["broken"]["error"] and "layers" not in by_id["broken"]
-    assert_captioned(by_id["good"], categorized=False)
-    assert_captioned(by_id["fine"], categorized=False)
+    assert by_id["cut"]["error"] and "layers" not in by_id["cut"]
+    for name in ("good", "fine", "ok"):
+        assert_captioned(by_id[name], categorized=False)
 
 
 def test_job_with_regions(stack):
     """Regions as job options: each image's regions captioned at every layer, grounded against the image; a
-    region covering no patch of one image (30 px of a 400x300 image is 3 px of coca_tiny's input) fails it."""
+    region covering no patch of one image (30 px of a 400x300 image is 3 px of coca_tiny's input) fails on that
+    image alone, its error in its entry, the image's captions and other regions kept, the job's warnings naming
+    it. A region object without units follows the text form's rule (all four in [0, 1]: fractions)."""
     api = stack.api
     files = [("files", ("small.png", image_bytes(20, size=(40, 30)))),
              ("files", ("large.png", image_bytes(21, size=(400, 300))))]
     options = {"categorize": False, "regions": ["0,0,30,30", "grid:2x2", {"x0": 0, "y0": 0, "x1": 1, "y1": 1,
-                                                                           "units": "fraction", "label": "all"}]}
+                                                                           "label": "all"}]}
     job = wait_job(api, submit(api, files, options))
-    assert job["status"] == "succeeded" and job["progress"]["failed_images"] == 1, job
+    assert job["status"] == "succeeded" and job["progress"]["failed_images"] == 0, job
     assert [r["label"] for r in job["options"]["regions"]] == ["r0", "r0c0", "r0c1", "r1c0", "r1c1", "all"]
+    assert job["options"]["regions"][-1]["units"] == "fraction"
+    (warning,) = job["warnings"]
+    assert warning.startswith("1 region captions failed: r0 on large (region 'r0' (0,0,30,30 px) covers no"), warning
     by_id = {r["id"]: r for r in results(api, job["id"])}
-    assert "region 'r0' (0,0,30,30 px) covers no whole 8x8-px patch" in by_id["large"]["error"]
+    for image in by_id.values():
+        assert_captioned(image, categorized=False)
+        assert [r["region"]["label"] for r in image["regions"]] == ["r0", "r0c0", "r0c1", "r1c0", "r1c1", "all"]
+    large = by_id["large"]["regions"]
+    assert "region 'r0' (0,0,30,30 px) covers no whole 8x8-px patch" in large[0]["error"] and large[0]["layers"] == []
+    assert all("error" not in r and len(r["layers"]) == len(LAYERS) for r in large[1:])
     small = by_id["small"]
-    assert_captioned(small, categorized=False)
     assert small["size"] == [40, 30] and len(small["input_box"]) == 4
-    assert [r["region"]["label"] for r in small["regions"]] == ["r0", "r0c0", "r0c1", "r1c0", "r1c1", "all"]
     for region in small["regions"]:
         assert [c["layer"] for c in region["layers"]] == LAYERS and region["patches"] > 0
         for c in region["layers"]:
             assert c["caption"] and -1 <= c["image_score"] <= 1 and "prior" in c and "retrieval_rank" not in c
+    assert small["regions"][-1]["box"] == [0, 0, 40, 30]  # the whole image: fractions, not 1 px
+    table = api.get(job["links"]["regions"])
+    assert table.status_code == 200 and table.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    assert len(rows) == (6 + 5) * len(LAYERS)  # no rows for the failed region
+    first = small["regions"][0]["layers"][0]
+    assert {(r["id"], r["region"], r["layer"], r["caption"]) for r in rows} >= {("small", "r0", "0", first["caption"])}
 
 
 def test_job_with_attributions(stack, tmp_path):
@@ -225,7 +261,8 @@ def test_job_with_attributions(stack, tmp_path):
     job = wait_job(api, submit(api, files, options))
     assert job["status"] == "succeeded", job
     assert (stack.artifacts / "jobs" / job["id"] / "attributions").is_dir()
-    assert not (stack.artifacts / "jobs" / job["id"] / "pool_attention").exists()  # an intermediate
+    wait_until(lambda: not (stack.artifacts / "jobs" / job["id"] / "pool_attention").exists(), 10,
+               "an intermediate (the pooler's attention) was kept")  # dropped as the job ends
     base = f"/v1/jobs/{job['id']}/attributions"
     for r in results(api, job["id"]):
         answer = api.get(base, params={"image": r["id"]})
@@ -247,18 +284,30 @@ def test_job_with_attributions(stack, tmp_path):
         assert missing.status_code == 404 and missing.json()["detail"], (route, params)
 
 
-def test_cancel(stack):
+def test_cancel_keeps_the_finished_captions(stack):
+    """A job cancelled after its first chunk was captioned, while its second decodes: the captions finished
+    before stay readable, marked partial, and nothing else of the job is kept."""
     api, client = stack.api, stack.redis
-    files = [("files", (f"{n}.png", image_bytes(10 + n))) for n in range(3)]
-    job_id = submit(api, files, slow(beams=32))  # ~3 s an image: on a quiet machine 8 beams ended before the cancel
-    wait_job(api, job_id, until=("running",))
+    files = [("files", (f"{n}.png", image_bytes(10 + n))) for n in range(3)]  # chunks of 2 and 1 images
+    job_id = submit(api, files, slow(beams=32))  # ~3 s an image: the second chunk is still decoding at the cancel
+    wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["captioned"] >= 2, 60,
+               "the first chunk was never captioned")
     cancelled = api.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
-    assert api.get(f"/v1/jobs/{job_id}/results").status_code == 409
     _wait_idle(client, job_id)
     job = api.get(f"/v1/jobs/{job_id}").json()
-    assert job["status"] == "cancelled" and job["progress"]["captioned"] < 3
-    assert not (stack.artifacts / "jobs" / job_id).exists()
+    assert job["status"] == "cancelled"  # (the chunk decoding at the cancel finished, and was counted, but dropped)
+    assert job["warnings"] == ["cancelled after 2 of 3 images: the results hold those (partial)"], job
+    partial = api.get(f"/v1/jobs/{job_id}/results")
+    assert partial.status_code == 200 and partial.headers["x-partial-results"] == "true"
+    lines = [json.loads(line) for line in partial.text.splitlines()]
+    assert [r["id"] for r in lines] == ["0", "1"]
+    for r in lines:
+        assert_captioned(r, categorized=False)
+    refused = api.get(f"/v1/jobs/{job_id}/entropy.png")
+    assert refused.status_code == 409 and "/results (partial)" in refused.json()["detail"]
+    kept = {p.name for p in (stack.artifacts / "jobs" / job_id).iterdir()}
+    assert "results.jsonl" in kept and not kept & set(INTERMEDIATE), kept  # no chunk files are left
 
 
 def test_killed_worker_chunk_is_redone(stack):
@@ -323,3 +372,17 @@ def test_a_labeler_failing_as_a_whole_keeps_every_caption():
     got = labels_or_reasons(captions, "openai", lambda backend: make_labeler(backend, unusable))
     assert [c.caption for c in got] == captions
     assert all(c.phrases == [] and c.error.startswith("labelling failed (openai backend): ") for c in got), got
+
+
+def test_job_with_regions_labels_the_regions_captions(stack):
+    """A categorized job with regions: every region's caption gets its phrases, as the image's do (issue 25,
+    item 16); the categorizer stage labels them in the same pass as the CLI's categorize."""
+    api = stack.api
+    job = wait_job(api, submit(api, [("files", ("a.png", image_bytes(22)))], {"regions": ["grid:1x2"]}))
+    assert job["status"] == "succeeded", job
+    (r,) = results(api, job["id"])
+    assert_captioned(r, categorized=True)
+    assert [g["region"]["label"] for g in r["regions"]] == ["r0c0", "r0c1"]
+    for region in r["regions"]:
+        assert [c["layer"] for c in region["layers"]] == LAYERS
+        assert all(c["phrases"] and all(1 <= len(p["labels"]) <= 3 for p in c["phrases"]) for c in region["layers"])

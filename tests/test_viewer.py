@@ -105,12 +105,21 @@ def test_asks_for_the_api_key_then_fills_in_the_server_defaults(browser, stack):
     # The options panel holds the server's defaults (GET /v1/options) and the model's bounds.
     page.click("#options-panel > summary")
     expect(page.locator("#opt-seq_len")).to_have_value("30")
-    expect(page.locator("#opt-min_seq_len")).to_have_value("5")
+    expect(page.locator("#opt-min_seq_len")).to_have_value("")  # blank: the model's own default
     expect(page.locator("#opt-strategy")).to_have_value("greedy")
     expect(page.locator("#opt-categorize")).to_be_checked()
     expect(page.locator("#opt-backend")).to_have_value("embedded")
     assert page.get_attribute("#opt-seq_len", "max") == "32"
     assert "0–3" in page.get_attribute("#opt-layers", "placeholder")
+    # The hint's example is one this model takes (and the example rule holds for any depth).
+    example = re.search(r"“(.+)”", page.inner_text("#hint-layers")).group(1)
+    assert example == "0-1, -1"
+    page.fill("#opt-layers", example)
+    page.locator("#opt-layers").blur()
+    expect(page.locator("#error-layers")).to_be_empty()
+    bad = page.evaluate("""async () => { const f = await import('/form.js'); const bad = [];
+        for (let n = 1; n <= 64; n++) if (f.parseLayers(f.layersExample(n), n).error) bad.push(n); return bad; }""")
+    assert bad == []
     page.fill("#opt-layers", "0-2, 9")
     page.locator("#opt-layers").blur()
     expect(page.locator("#error-layers")).to_contain_text("No layer 9")
@@ -151,9 +160,17 @@ def test_uploaded_image_gets_a_layer_ladder_with_chips_and_figures(page, stack, 
     for selector in ("#figure-img", "#entropy-img", ".image-card img.thumb"):
         page.wait_for_function(IMAGE_LOADED, arg=selector)
 
-    # Stage progress reached the total; the job is in this browser's recent list.
+    # Stage progress reached the total, each bar under its label, on a wide and on a phone-sized window;
+    # the job is in this browser's recent list.
     for stage in ("encoded", "captioned", "categorized"):
         expect(page.locator(f"#stage-{stage}")).to_have_js_property("value", 1)
+    for width in (1400, 420):
+        page.set_viewport_size({"width": width, "height": 900})
+        for stage in ("encoded", "captioned", "categorized"):
+            line = page.locator(f'.job-stage[data-stage="{stage}"] .job-stage-line').bounding_box()
+            bar = page.locator(f"#stage-{stage}").bounding_box()
+            assert line["height"] > 10 and bar["y"] >= line["y"] + line["height"] - 0.5, (width, stage, line, bar)
+    page.set_viewport_size({"width": 1440, "height": 900})
     expect(page.locator(f'#recent-list a[href="#job/{job_id}"]')).to_contain_text("meadow.png")
     recent = json.loads(page.evaluate("localStorage.getItem('lv.recentJobs')"))
     assert recent[0]["id"] == job_id and recent[0]["status"] == "succeeded"

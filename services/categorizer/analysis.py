@@ -1,7 +1,12 @@
 """Which kinds of visual information each encoder layer holds: per layer, the reference's "mean
 percentage of class". For each caption, the share of its phrases whose main label folds into each
 merged class; averaged over the layer's captions. Captions that failed or have no phrases are left
-out of the average (and counted)."""
+out of the average (and counted).
+
+With likelihood grounding (phrases carrying `pmi` and `supported`, shared/pmi.py) the same chart counts
+only what the image supports: per caption, the share of its phrases that are supported AND fold into
+each class (over its phrases with a PMI), averaged over the layer's captions. A layer's classes then add
+up to its mean supported share, not to 100%: the rest is what the decoder said without the image."""
 
 from __future__ import annotations
 
@@ -21,6 +26,16 @@ class LayerCounts(BaseModel):
     phrases: int
 
 
+class Supported(BaseModel):
+    """What the image supports, per layer (likelihood grounding)."""
+
+    percent: list[list[float]] = Field(
+        description="[layer][class]: mean percentage of a caption's phrases (those with a PMI) that are supported"
+                    " and fold into the class; a layer's row adds up to its mean supported percentage")
+    share: list[float | None] = Field(description="per layer: supported phrases / phrases with a PMI (None: none)")
+    phrases: list[int] = Field(description="per layer: phrases with a PMI")
+
+
 class Analysis(BaseModel):
     taxonomy_version: str
     layers: list[int]
@@ -31,6 +46,7 @@ class Analysis(BaseModel):
     mean_entropy: list[float] | None = Field(
         None, description="bits, mean over the layer's captions (finite values); NaN when it has none"
     )
+    supported: Supported | None = Field(None, description="the chart of supported phrases (None: no phrase has a PMI)")
 
     def row(self, layer: int) -> dict[str, float]:
         return dict(zip(self.classes, self.percent[self.layers.index(layer)], strict=True))
@@ -54,6 +70,26 @@ def class_percentages(captions: Sequence[CaptionLabels], taxonomy: Taxonomy) -> 
     return percent, LayerCounts(captions=len(captions), counted=counted, failed=failed, phrases=phrases)
 
 
+def supported_percentages(
+    captions: Sequence[CaptionLabels], taxonomy: Taxonomy
+) -> tuple[list[float], float | None, int]:
+    """One layer's chart of supported phrases: (mean percentage per class, supported share, phrases with a PMI)."""
+    index = {cls: i for i, cls in enumerate(taxonomy.classes)}
+    total = [0.0] * len(taxonomy.classes)
+    counted = measured = supported = 0
+    for caption in captions:
+        grounded = [p for p in caption.phrases if p.pmi is not None] if caption.error is None else []
+        if not grounded:
+            continue
+        counted += 1
+        measured += len(grounded)
+        for phrase in grounded:
+            if phrase.supported:
+                supported += 1
+                total[index[taxonomy.merge(phrase.main)]] += 100.0 / len(grounded)
+    return [t / counted if counted else 0.0 for t in total], supported / measured if measured else None, measured
+
+
 def analyze(
     labels: Mapping[int, Sequence[CaptionLabels]],
     entropies: Mapping[int, Sequence[float]] | None = None,
@@ -65,6 +101,9 @@ def analyze(
     layers = sorted(labels)
     per_layer = [class_percentages(labels[layer], taxonomy) for layer in layers]
     rows, counts = [row for row, _ in per_layer], [count for _, count in per_layer]
+    grounded = [supported_percentages(labels[layer], taxonomy) for layer in layers]
+    supported = Supported(percent=[g[0] for g in grounded], share=[g[1] for g in grounded],
+                          phrases=[g[2] for g in grounded]) if any(g[2] for g in grounded) else None
     return Analysis(
         taxonomy_version=taxonomy.version,
         layers=layers,
@@ -73,6 +112,7 @@ def analyze(
         plotted=_plotted(taxonomy, rows),
         counts=counts,
         mean_entropy=[_mean(entropies.get(layer, [])) for layer in layers] if entropies else None,
+        supported=supported,
     )
 
 

@@ -30,13 +30,18 @@ from latent_verbalizer.services.categorizer.files import (
     read_entropies,
     read_labels,
     read_phrases,
+    read_region_labels,
+    read_result_lines,
+    write_labeled_results,
     write_labels,
 )
+from latent_verbalizer.services.categorizer.models import CaptionLabels, captions_in_order, with_labels
 from latent_verbalizer.services.categorizer.reference import read_reference_labels
 from latent_verbalizer.services.categorizer.report import write_report
-from latent_verbalizer.services.categorizer.stage import categorize_layers, categorize_phrases, make_labeler
+from latent_verbalizer.services.categorizer.stage import categorize, categorize_layers, categorize_phrases, make_labeler
 from latent_verbalizer.services.cli.common import positive_int
 from latent_verbalizer.services.cli.outputs import OutputError, check_out, staged_run
+from latent_verbalizer.services.cli.progress import Progress
 from latent_verbalizer.shared.artifacts import write_atomic
 from latent_verbalizer.shared.grounding import grounding_outputs, read_references, read_results
 from latent_verbalizer.shared.settings import get_settings
@@ -72,6 +77,9 @@ def _categorize_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{s.llm_structured}, LV_LLM_STRUCTURED; auto: found by the first request)")
     parser.add_argument("--concurrency", type=positive_int,
                         help=f"openai: requests in flight (default: {s.llm_concurrency}, LV_LLM_CONCURRENCY)")
+    parser.add_argument("--no-regions", dest="regions", action="store_false",
+                        help="label only the whole images' captions (default: a results.jsonl's region captions too,"
+                             " in each entry's `regions`)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the labels (.json)")
 
 
@@ -80,7 +88,11 @@ def _run_categorize(args: argparse.Namespace) -> int:
                  "llm_concurrency": args.concurrency}
     settings = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
     # The input is read (and refused) before a backend loads.
-    source = read_phrases(args.phrases) if args.phrases else read_captions(args.captions)
+    if args.phrases:
+        source = read_phrases(args.phrases)
+    else:
+        path = args.captions
+        source = read_result_lines(path) if path.suffix == ".jsonl" else read_captions(path)
     backend = args.backend or settings.categorizer_backend
     if backend == "openai" and not settings.llm_url:
         print("error: the openai backend needs the LLM server's URL: --llm-url or LV_LLM_URL", file=sys.stderr)
@@ -93,9 +105,20 @@ def _run_categorize(args: argparse.Namespace) -> int:
         failed = sum(not x for x in labels)
         log.info("phrases labelled", extra={"phrases": len(labels), "failed": failed, "out": str(args.out)})
         return _all_failed(failed, len(labels), "phrase", "see the warnings above")
-    labels = categorize_layers(source.captions, labeler)
-    flat = [c for layer in labels.values() for c in layer]
-    write_labels(args.out, labels, source.ids, source.entropies)
+    progress = Progress(logging.getLogger("categorize"), "categorize", "captions", "phrases")
+
+    def follow(chunk: list[CaptionLabels]) -> None:
+        progress.update(len(chunk), sum(len(c.phrases) for c in chunk))
+
+    if isinstance(source, list):  # results.jsonl: images' and (unless --no-regions) regions' captions, one pass
+        results = source if args.regions else [r.model_copy(update={"regions": None}) for r in source]
+        flat = categorize(captions_in_order(results), labeler, follow)
+        write_labeled_results(args.out, with_labels(results, flat))
+    else:
+        labels = categorize_layers(source.captions, labeler, follow)
+        write_labels(args.out, labels)
+        flat = [c for layer in labels.values() for c in layer]
+    progress.close()
     errors = Counter(c.error for c in flat if c.error is not None)
     log.info("captions labelled", extra={"captions": len(flat), "failed": errors.total(), "out": str(args.out)})
     return _all_failed(errors.total(), len(flat), "caption", errors.most_common(1)[0][0] if errors else "")
@@ -167,7 +190,12 @@ def _analyze_into(out: Path, args: argparse.Namespace) -> tuple[list[Path], str]
         labels, entropies = read_labels(args.labels)
     if args.entropy:
         entropies = read_entropies(args.entropy)
-    return write_report(analyze(labels, entropies), out, extra) + grounding_paths, "analysis"
+    paths = write_report(analyze(labels, entropies), out, extra) + grounding_paths
+    if not args.reference_format:  # each region's layers charted as the images' are, in regions/<label>/
+        for name, (region_labels, region_entropies) in read_region_labels(args.labels).items():
+            paths += write_report(analyze(region_labels, region_entropies), out / "regions" / name,
+                                  {"source": str(args.labels), "region": name})
+    return paths, "analysis"
 
 
 def _grounding(results: Path | None, args: argparse.Namespace, out: Path) -> tuple[dict | None, list[Path]]:

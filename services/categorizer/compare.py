@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        names = _names(args.runs, args.names)
+        names = run_names(args.runs, args.names.split(",") if args.names else None)
         runs = [read_run(path, name) for path, name in zip(args.runs, names)]
     except (BadFile, ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
@@ -72,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _names(paths: list[Path], names: str | None) -> list[str]:
+def run_names(paths: list[Path], names: list[str] | None) -> list[str]:
+    """The runs' names (default: their folders'), checked: two or more runs, one distinct name each."""
     if len(paths) < 2:
         raise ValueError("compare needs two or more run folders")
-    chosen = [n.strip() for n in names.split(",")] if names else [p.resolve().name for p in paths]
+    chosen = [n.strip() for n in names] if names else [p.resolve().name for p in paths]
     if len(chosen) != len(paths):
         raise ValueError(f"--names gives {len(chosen)} names for {len(paths)} runs")
     if len(set(chosen)) != len(chosen):
@@ -93,12 +94,13 @@ def read_run(path: Path, name: str) -> RunData:
     if not captioned:
         raise ValueError(f"{results_path}: no image has captions")
     info = _run_info(path)
+    depth = info.get("layers") if isinstance(info.get("layers"), int) else None  # the model's, in run.json
     deepest = max(c.layer for r in captioned for c in r.layers)
     analysis = None
     if (path / "labels.json").is_file():
         labels, _ = read_labels(path / "labels.json")
         analysis = analyze(labels)
-    return RunData(name=name, path=path, model=info.get("model"), num_layers=int(info.get("num_layers") or deepest + 1),
+    return RunData(name=name, path=path, model=info.get("model"), num_layers=depth or deepest + 1,
                    results=results, grounding=layer_grounding(captioned), analysis=analysis)
 
 
@@ -221,7 +223,7 @@ def _plot_distributions(runs: list[RunData], path: Path, aligned: bool) -> Path:
     for ax, r in zip(axes[0], labelled):
         a = r.analysis
         ax.stackplot(_x(r, a.layers, aligned), [[a.row(layer)[c] for layer in a.layers] for c in shown],
-                     labels=[taxonomy.plot_name(c) for c in shown], colors=[taxonomy.color(c) for c in shown])
+                     labels=shown, colors=[taxonomy.color(c) for c in shown])
         ax.set(title=_label(r), xlabel=_x_label(aligned), ylabel="mean percentage of class", ylim=(0, 100))
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles[::-1], labels[::-1], loc="center right", fontsize=8)

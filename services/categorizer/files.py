@@ -3,7 +3,8 @@ the results.jsonl that `verbalize` writes; labels go out as {"layer_0": [{"id"?,
 "error"?, "mean_entropy"?}], ...}, in image order (images without captions left out). `id` (the
 image's id) and `mean_entropy` are there when the input had them (results.jsonl); with captions.json
 the i-th entry of every layer is the i-th image. A file that cannot be used raises BadFile, naming
-the file and what is wrong with it."""
+the file and what is wrong with it. From a results.jsonl with likelihood grounding, each caption's words'
+PMIs come along (`word_pmi`), for the labels' phrases (models.grounded_layers)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from latent_verbalizer.services.categorizer.models import CaptionLabels
+from latent_verbalizer.services.categorizer.models import CaptionLabels, LabeledCaption, LabeledResult
 from latent_verbalizer.shared.artifacts import write_atomic
 from latent_verbalizer.shared.schemas import ImageResult
 
@@ -24,6 +25,7 @@ _NAMES = {str: "strings (captions)", dict: "objects (labelled captions)", (int, 
 
 Captions = dict[int, list[str]]
 Entropies = dict[int, list[float]]
+WordPMI = dict[int, list[list[float] | None]]
 
 
 class BadFile(ValueError):
@@ -32,11 +34,12 @@ class BadFile(ValueError):
 
 @dataclass
 class CaptionFile:
-    """Captions per layer; from results.jsonl also each caption's image id and mean entropy."""
+    """Captions per layer; from results.jsonl also each caption's image id, mean entropy and words' PMIs."""
 
     captions: Captions
     ids: dict[int, list[str]] | None = None
     entropies: Entropies | None = None
+    word_pmi: WordPMI | None = None
 
 
 def load_layered(path: Path, item: type = object) -> dict[int, list]:
@@ -63,22 +66,30 @@ def read_captions(path: Path) -> CaptionFile:
     return CaptionFile(load_layered(path, str))
 
 
-def _read_results(path: Path) -> CaptionFile:
-    found = CaptionFile({}, {}, {})
+def read_result_lines(path: Path) -> list[ImageResult]:
+    """The lines of a results.jsonl from `verbalize` (BadFile for another file, or one without captions)."""
+    results = []
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            result = ImageResult.model_validate_json(line)
+            results.append(ImageResult.model_validate_json(line))
         except ValidationError as e:
             raise BadFile(f"{path} line {n}: not a result line of `verbalize` ({_first_error(e)})") from None
+    if not any(r.layers for r in results):
+        raise BadFile(f"{path}: no captions (no line with layers)")
+    return results
+
+
+def _read_results(path: Path) -> CaptionFile:
+    found = CaptionFile({}, {}, {}, {})
+    for result in read_result_lines(path):
         for layer in result.layers or []:  # images that failed have no captions to label
             found.captions.setdefault(layer.layer, []).append(layer.caption)
             found.ids.setdefault(layer.layer, []).append(result.id)
             found.entropies.setdefault(layer.layer, []).append(layer.mean_entropy)
-    if not found.captions:
-        raise BadFile(f"{path}: no captions (no line with layers)")
-    return CaptionFile(*(dict(sorted(d.items())) for d in (found.captions, found.ids, found.entropies)))
+            found.word_pmi.setdefault(layer.layer, []).append(layer.word_pmi)
+    return CaptionFile(*(dict(sorted(d.items())) for d in (found.captions, found.ids, found.entropies, found.word_pmi)))
 
 
 def read_entropies(path: Path) -> Entropies:
@@ -111,18 +122,65 @@ def write_labels(
     dump_layered(path, out)
 
 
+def write_labeled_results(path: Path, results: list[LabeledResult]) -> None:
+    """labels.json from labelled results: per layer, each captioned image's entry (id, caption, phrases or
+    error, mean_entropy) with, when it has regions, theirs at that layer: "regions": {label: entry}."""
+    def entry(c: LabeledCaption) -> dict:
+        return {**c.labels().model_dump(exclude_none=True), "mean_entropy": c.mean_entropy}
+
+    out: dict[int, list[dict]] = {}
+    for r in results:
+        for c in r.layers or []:
+            regions = {g.region.label: entry(gc) for g in r.regions or [] for gc in g.layers if gc.layer == c.layer}
+            out.setdefault(c.layer, []).append({"id": r.id, **entry(c), **({"regions": regions} if regions else {})})
+    dump_layered(path, out)
+
+
 def read_labels(path: Path) -> tuple[dict[int, list[CaptionLabels]], Entropies | None]:
-    layers = load_layered(path, dict)
+    try:
+        layers = load_layered(path, dict)
+    except BadFile:
+        if _is_captions(path):
+            raise BadFile(f"{path} holds captions, not labels: label them first with `latent-verbalizer categorize"
+                          f" {path} --out LABELS.json`, then analyze LABELS.json") from None
+        raise
     try:
         labels = {layer: [CaptionLabels.model_validate(e) for e in entries] for layer, entries in layers.items()}
     except ValidationError as e:
         raise BadFile(f"{path}: not labels from `categorize` ({_first_error(e)})") from None
+    return labels, _entropies(layers)
+
+
+def read_region_labels(path: Path) -> dict[str, tuple[dict[int, list[CaptionLabels]], Entropies | None]]:
+    """The regions' labels in a labels.json (`regions` of its entries): region label -> (labels per layer,
+    mean entropies per layer or None), regions in the order they first appear."""
+    found: dict[str, dict[int, list[dict]]] = {}
+    for layer, entries in load_layered(path, dict).items():
+        for entry in entries:
+            for name, region_entry in (entry.get("regions") or {}).items():
+                found.setdefault(name, {}).setdefault(layer, []).append(region_entry)
+    try:
+        return {name: ({layer: [CaptionLabels.model_validate(e) for e in entries] for layer, entries in layers.items()},
+                       _entropies(layers)) for name, layers in found.items()}
+    except ValidationError as e:
+        raise BadFile(f"{path}: a region's labels are not labels from `categorize` ({_first_error(e)})") from None
+
+
+def _entropies(layers: dict[int, list[dict]]) -> Entropies | None:
     entropies = {
         layer: [e["mean_entropy"] for e in entries]
         for layer, entries in layers.items()
         if entries and all("mean_entropy" in e for e in entries)
     }
-    return labels, entropies or None
+    return entropies or None
+
+
+def _is_captions(path: Path) -> bool:
+    try:
+        load_layered(path, str)
+        return True
+    except BadFile:
+        return False
 
 
 def _read_text(path: Path) -> str:

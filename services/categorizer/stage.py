@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from latent_verbalizer.services.categorizer.models import CaptionLabels
@@ -24,17 +24,32 @@ class Labeler(Protocol):
         ...
 
 
-def categorize(captions: Sequence[str], labeler: Labeler) -> list[CaptionLabels]:
-    """Label captions; identical captions are labelled once and share the result."""
+# Captions handed to the labeler at once when the caller follows progress (the LLM backend still runs its
+# requests concurrently within a chunk).
+PROGRESS_CHUNK = 256
+
+
+def categorize(captions: Sequence[str], labeler: Labeler,
+               progress: Callable[[list[CaptionLabels]], None] | None = None) -> list[CaptionLabels]:
+    """Label captions; identical captions are labelled once and share the result. `progress` is called
+    with each chunk of labels as it is done."""
     unique = list(dict.fromkeys(captions))
-    by_caption = dict(zip(unique, labeler.label_captions(unique), strict=True))
+    size = PROGRESS_CHUNK if progress else max(len(unique), 1)
+    labelled: list[CaptionLabels] = []
+    for start in range(0, len(unique), size):
+        chunk = labeler.label_captions(unique[start : start + size])
+        labelled += chunk
+        if progress:
+            progress(chunk)
+    by_caption = dict(zip(unique, labelled, strict=True))
     return [by_caption[c] for c in captions]
 
 
-def categorize_layers(captions: Mapping[int, Sequence[str]], labeler: Labeler) -> dict[int, list[CaptionLabels]]:
+def categorize_layers(captions: Mapping[int, Sequence[str]], labeler: Labeler,
+                      progress: Callable[[list[CaptionLabels]], None] | None = None) -> dict[int, list[CaptionLabels]]:
     """Label every layer's captions in one call: identical captions (frequent in early layers) across
     layers are labelled once. layer -> captions  ->  layer -> their labels, in order."""
-    flat = categorize([c for layer in captions.values() for c in layer], labeler)
+    flat = categorize([c for layer in captions.values() for c in layer], labeler, progress)
     labels, start = {}, 0
     for layer, layer_captions in captions.items():
         labels[layer] = flat[start : start + len(layer_captions)]

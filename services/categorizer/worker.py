@@ -1,5 +1,5 @@
 """RQ task of the categorizer stage: a chunk's captions -> the same result lines with every caption's
-labelled phrases. A labeler is built once per backend per process and kept.
+labelled phrases (the regions' captions too). A labeler is built once per backend per process and kept.
 
 Labelling never costs a job its captions: a caption whose labelling failed keeps its caption and
 entropies with `label_error`, and when the labeler fails as a whole (e.g. the LLM server unreachable
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from latent_verbalizer.services.categorizer.models import CaptionLabels, with_labels
+from latent_verbalizer.services.categorizer.models import CaptionLabels, captions_in_order, with_labels
 from latent_verbalizer.services.categorizer.stage import Backend, Labeler, categorize, make_labeler
 from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, run_chunk
 from latent_verbalizer.shared.jobs import JobRecord
@@ -34,7 +34,7 @@ def categorize_chunk(job_id: str, chunk: int) -> None:
 
 def _categorize(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     results = [ImageResult.model_validate_json(line) for line in ctx.store.read_lines(job.id, "captions", chunk)]
-    captions = [c.caption for r in results for c in r.layers or []]
+    captions = captions_in_order(results)  # the images' and their regions' captions
     backend = job.options.backend or ctx.settings.categorizer_backend
     labels = labels_or_reasons(captions, backend, extra={"job": job.id, "chunk": chunk})
     lines = (r.model_dump_json(exclude_none=True) for r in with_labels(results, labels))

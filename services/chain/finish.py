@@ -1,12 +1,13 @@
 """A job's outputs, written by whichever task finished its last chunk (or the job's finish task):
 results.jsonl (every chunk's lines in chunk order), the summary and figures (the categorizer's analysis
 and report when the job was categorized; per-layer entropy, as summary.json and entropy.png, when it was
-not). Safe to run twice: every file is replaced whole.
+not), and regions.csv when it had regions. Safe to run twice: every file is replaced whole.
 
 Images that failed (unreadable, or their chunk lost) are in results.jsonl with their `error`, and the
-job's warnings name them. Labelling never loses captions: captions whose labelling failed are in
-results.jsonl with their `label_error`, and the job succeeds with a warning saying how many; should the
-labels' report itself fail, the entropy summary stands in for it, with a warning.
+job's warnings name them; so are regions that failed on an image (covering none of its patches).
+Labelling never loses captions: captions whose labelling failed are in results.jsonl with their
+`label_error`, and the job succeeds with a warning saying how many; should the labels' report itself
+fail, the entropy summary stands in for it, with a warning.
 
 The report modules are imported inside the functions: matplotlib and the analysis load only in the
 process that finishes a job."""
@@ -25,6 +26,7 @@ from latent_verbalizer.shared.artifacts import ArtifactStore
 from latent_verbalizer.shared.grounding import grounding_outputs
 from latent_verbalizer.shared.jobs import JobRecord
 from latent_verbalizer.shared.schemas import ImageResult
+from latent_verbalizer.shared.tables import write_captions_csv, write_region_table
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class Outputs:
 def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
     """Write the job's outputs."""
     kind = "labels" if job.options.categorize else "captions"
-    results_path = store.write_results(job.id, kind, job.chunks)
+    results_path = store.write_results(job.id, [(kind, chunk) for chunk in range(job.chunks)])
     if job.options.grounding:  # retrieval ranks over the whole job, and prior.json
         from latent_verbalizer.services.decoder.grounding import rank_job
 
@@ -52,19 +54,26 @@ def write_outputs(store: ArtifactStore, job: JobRecord) -> Outputs:
         return Outputs(failure=f"no image could be captioned ({len(results)} tried): {first}")
     staging = store.staging(job.id)
     extra = {"job": job.id, "images": len(results), "failed_images": len(results) - len(captioned)}
-    if job.options.regions:  # each result line has these regions' captions (`regions`)
+    if (model := store.output(job.id, "model.json")).is_file():  # the decoder's family, model, prompt, extras
+        extra["model"] = json.loads(model.read_text())
+    region_files = []
+    if job.options.regions:  # each result line has these regions' captions (`regions`), regions.csv a row each
         extra["regions"] = [r.model_dump() for r in job.options.regions]
+        region_files = [write_region_table((ImageResult.model_validate(r) for r in captioned), staging / "regions.csv")]
     grounding, grounding_files = grounding_outputs(captioned, staging)  # grounding.csv/png; none when it was off
     if grounding is not None:
         extra["grounding"] = grounding
     outputs = Outputs()
     if failed := [r for r in results if r.get("error")]:
         outputs.warnings.append(failed_images_warning(failed, len(results)))
+    if failed_regions := [(r["id"], g) for r in captioned for g in r.get("regions") or [] if g.get("error")]:
+        outputs.warnings.append(failed_regions_warning(failed_regions))
     if job.options.categorize:
         files = _categorized_report(captioned, staging, extra, outputs.warnings)
     else:
         files = _entropy_summary(captioned, staging, extra)
-    store.publish(job.id, files + grounding_files)
+    tables = [write_captions_csv(results_path, staging / "captions.csv"), *region_files]
+    store.publish(job.id, files + grounding_files + tables)
     shutil.rmtree(staging, ignore_errors=True)
     return outputs
 
@@ -75,6 +84,14 @@ def failed_images_warning(failed: Sequence[dict], total: int, named: int = NAMED
     rest = f"; and {len(failed) - named} more" if len(failed) > named else ""
     return (f"{len(failed)} of {total} images failed: {listed}{rest} (each one's line in the results has its"
             " `error`)")
+
+
+def failed_regions_warning(failed: Sequence[tuple[str, dict]], named: int = NAMED_FAILURES) -> str:
+    """Which regions failed on which images (their images' captions stand): the first `named`."""
+    listed = "; ".join(f"{g['region']['label']} on {image_id} ({g['error']})" for image_id, g in failed[:named])
+    rest = f"; and {len(failed) - named} more" if len(failed) > named else ""
+    return (f"{len(failed)} region captions failed: {listed}{rest} (the images' own captions stand; each failed"
+            " region's entry in the results has its `error`)")
 
 
 def _categorized_report(results: Sequence[dict], out_dir: Path, extra: dict, warnings: list[str]) -> list[Path]:

@@ -66,7 +66,7 @@ def lose_chunk(ctx: Context, job: JobRecord, stage: str, chunk: int, reason: str
     final_kind = "labels" if job.options.categorize else "captions"
     ctx.store.write_lines(job.id, final_kind, chunk, (r.model_dump_json(exclude_none=True) for r in lines))
     if job.options.grounding and stage != "categorize":  # what the decoder task writes for a chunk of no image
-        ctx.store.write_tensors(job.id, "grounding", chunk, {}, {"ids": [], "prior": {}})
+        ctx.store.write_no_tensors(job.id, "grounding", chunk, {"ids": [], "prior": {}})
     log.error("chunk lost", extra={"job": job.id, "stage": stage, "chunk": chunk, "images": len(lines),
                                    "reason": reason})
     for s in job.stages[job.stages.index(stage):]:

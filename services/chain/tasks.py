@@ -23,9 +23,9 @@ from functools import lru_cache
 
 from latent_verbalizer.services.chain.context import Context
 from latent_verbalizer.services.chain.finish import write_outputs
+from latent_verbalizer.services.families import Family
 from latent_verbalizer.shared.artifacts import ArtifactStore
 from latent_verbalizer.shared.jobs import ACTIVE, JobRecord, JobStatus, JobStore
-from latent_verbalizer.shared.models import LoadedModel
 from latent_verbalizer.shared.queue import connect, enqueue, fail_job
 from latent_verbalizer.shared.settings import get_settings
 
@@ -41,16 +41,16 @@ def context() -> Context:
     return Context(settings, client, jobs, ArtifactStore(settings.artifact_dir))
 
 
-_model: LoadedModel | None = None
+_model: Family | None = None
 
 
-def use_model(lm: LoadedModel) -> None:
+def use_model(lm: Family) -> None:
     """Keep the worker process's model: loaded once at start-up, used by every task it runs."""
     global _model
     _model = lm
 
 
-def loaded_model(role: str) -> LoadedModel:
+def loaded_model(role: str) -> Family:
     if _model is None:
         raise RuntimeError(f"no model loaded in this process: start it with `latent-verbalizer worker {role}`")
     return _model
@@ -80,10 +80,11 @@ def run_chunk(stage: str, job_id: str, chunk: int, work: Callable[[Context, JobR
     done = ctx.jobs.chunk_done(job_id, stage, chunk, outcome.images, seconds, outcome.failed_images)
     log.info("chunk done", extra={"job": job_id, "stage": stage, "chunk": chunk, "images": outcome.images,
                                   "seconds": round(seconds, 3), "chunks_done": done, "chunks": job.chunks})
-    if stage == job.final_stage and done == job.chunks:
-        finish_job(ctx, job)
     if (current := ctx.jobs.get(job_id)) is not None and current.status == JobStatus.cancelled:
-        ctx.store.delete_job(job_id)  # cancelled while this chunk ran: drop what it wrote
+        if not ctx.settings.keep_artifacts:  # cancelled while this chunk ran: drop what it wrote
+            ctx.store.delete_intermediates(job_id)
+    elif stage == job.final_stage and done == job.chunks:
+        finish_job(ctx, job)
 
 
 def finish_job(ctx: Context, job: JobRecord) -> None:

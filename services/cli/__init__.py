@@ -28,7 +28,7 @@ use e.g. --model coca_ViT-L-14 (weights mscoco_finetuned_laion2b_s13b_b90k, down
 COMMANDS: dict[str, tuple[str, str]] = {
     "verbalize": ("services.cli.verbalize", "caption every selected layer of images, dirs or .tar shards"),
     "synth": ("services.demo.synth", "write synthetic scenes (PNG) with captions and attributes (manifest.jsonl)"),
-    "train-demo": ("services.demo.train", "train the offline demo CoCa on synthetic scenes"),
+    "train-demo": ("services.demo.train_cli", "train an offline demo model (CoCa or LLaVA) on synthetic scenes"),
     "demo": ("services.demo.cli", "offline main job: sample scenes -> every layer's caption -> report"),
     "categorize": ("services.categorizer.cli", "label every caption's phrases with the taxonomy (embedded or LLM)"),
     "analyze": ("services.categorizer.cli", "per-layer class distribution, figure and summary of labelled captions"),

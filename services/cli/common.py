@@ -8,8 +8,10 @@ import re
 
 from pydantic import ValidationError
 
-from latent_verbalizer.shared.models import LoadedModel, config_layers, load_model
-from latent_verbalizer.shared.pretrained import DEMO_NOTE, NO_WEIGHTS, RULE, resolve_pretrained
+from latent_verbalizer.services.families import FAMILIES, Family, load_family, resolve
+from latent_verbalizer.services.families.naming import config_layers
+from latent_verbalizer.shared.models import DEVICES
+from latent_verbalizer.shared.pretrained import DEMO_NOTE, RULE, resolve_pretrained, weights_name
 from latent_verbalizer.shared.schemas import DecodeParams
 from latent_verbalizer.shared.settings import get_settings
 
@@ -20,19 +22,38 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=s.model,
-                   help=f"open_clip CoCa architecture (default {s.model}: {DEMO_NOTE})")
+                   help="an open_clip CoCa name (or hf-hub:ORG/REPO, local-dir:FOLDER), a project model"
+                        " (coca_synth_demo, llava_synth_demo), a Hugging Face id org/name or a save_pretrained"
+                        f" directory (default {s.model}: {DEMO_NOTE})")
+    g.add_argument("--family", default=s.family, choices=FAMILIES,
+                   help="force the model's family (default: from the name; a directory's config.json model_type)")
     g.add_argument("--pretrained", default=s.pretrained,
-                   help="open_clip tag, project tag or checkpoint file; 'none' for random weights"
+                   help="CoCa only: open_clip tag, project tag or checkpoint file; 'none' for random weights"
                         f" ({'default ' + s.pretrained if s.pretrained else RULE})")
-    g.add_argument("--device", default=s.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    g.add_argument("--prompt", default=s.prompt,
+                   help="LLaVA: the captioning prompt (default: a short one); BLIP: a text prefix the caption"
+                        " continues (default none); CoCa takes none. Recorded in the run's summary")
+    g.add_argument("--device", default=s.device,
+                   help=f"{DEVICES} (default %(default)s; auto: the GPU where there is one, else the CPU)")
     g.add_argument("--dtype", default=s.dtype, choices=["fp32", "bf16", "fp16"])
 
 
-def model_from_args(args: argparse.Namespace) -> LoadedModel:
-    pretrained = resolve_pretrained(args.model, args.pretrained)
-    log.info("weights", extra={"model": args.model, "pretrained": pretrained or NO_WEIGHTS,
-                               "chosen": "given" if args.pretrained is not None else "the model's default"})
-    return load_model(args.model, pretrained, args.device, args.dtype, cache_dir=get_settings().model_cache)
+def model_from_args(args: argparse.Namespace) -> Family:
+    """The model the flags name (FamilyError, a ValueError, when it cannot be used as asked)."""
+    return open_model(args.model, args.pretrained, args.device, args.dtype, family=args.family, prompt=args.prompt)
+
+
+def open_model(model: str, pretrained: str | None = None, device: str = "cpu", dtype: str = "fp32", *,
+               family: str | None = None, prompt: str | None = None) -> Family:
+    """What `--model` names, loaded: CoCa's weights are `pretrained` when given, else the model's default
+    (shared.pretrained's rule; 'none': random). The commands and the Python API load models with it."""
+    if resolve(model, family).family == "coca":
+        given = pretrained
+        pretrained = resolve_pretrained(model, pretrained)
+        log.info("weights", extra={"model": model, "pretrained": weights_name(model, pretrained),
+                                   "chosen": "given" if given is not None else "the model's default"})
+    return load_family(model, pretrained, device, dtype, family=family, prompt=prompt,
+                       cache_dir=get_settings().model_cache)
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -67,25 +88,22 @@ def decode_params_from_args(args: argparse.Namespace) -> DecodeParams:
 
 
 # One layer-list syntax and its messages, the viewer's (services/gateway/static/form.js, parseLayers).
-_RANGE = re.compile(r"^(-?\d+)\s*(?:-|–|\.\.)\s*(-?\d+)$")
+_RANGE = re.compile(r"^(-?[0-9]+)\s*(?:-|–|\.\.)\s*(-?[0-9]+)$")
 
 
 def parse_layers(text: str | None, n: int | None = None) -> list[int] | None:
-    """'0-3, 8, -1' -> [0, 1, 2, 3, 8, -1]; None / 'all' -> None (every layer). With `n`, the model's
-    number of layers, every layer must exist and none repeat. ValueError with the viewer's message."""
-    if text is None or text.strip().lower() == "all":
+    """'0-3, 8, -1' -> [0, 1, 2, 3, 8, -1]; None, blank or 'all' -> None (every layer). With `n`, the
+    model's number of layers, every layer must exist and none repeat. ValueError with the viewer's message."""
+    if text is None or not text.strip() or text.strip().lower() == "all":
         return None
-    tokens = [t for t in re.split(r"[\s,;]+", text.strip()) if t]
-    if not tokens:
-        raise ValueError("No layers given: layer numbers and ranges (0-2, -1) or all.")
     layers: list[int] = []
-    for token in tokens:
+    for token in (t for t in re.split(r"[\s,;]+", text.strip()) if t):
         if m := _RANGE.match(token):
             a, b = int(m[1]), int(m[2])
             if b < a:
                 raise ValueError(f"Range {token} goes backwards.")
             layers += range(a, b + 1)
-        elif re.fullmatch(r"-?\d+", token):
+        elif re.fullmatch(r"-?[0-9]+", token):
             layers.append(int(token))
         else:
             raise ValueError(f"“{token}” is not a layer number or range.")
@@ -99,8 +117,10 @@ def parse_layers(text: str | None, n: int | None = None) -> list[int] | None:
 
 def layers_from_args(args: argparse.Namespace) -> list[int] | None:
     """--layers, checked against the model's depth where its config tells it (before the model loads)."""
+    if args.layers is not None and not args.layers.strip():
+        raise ValueError("--layers is empty: give layer numbers and ranges (0-2, -1), or leave it out for all")
     try:
-        return parse_layers(args.layers, config_layers(args.model))
+        return parse_layers(args.layers, config_layers(args.model, args.family))
     except ValueError as e:
         raise ValueError(f"--layers {args.layers}: {e}") from None
 

@@ -27,9 +27,9 @@ from pathlib import Path
 MARKER = ".latent-verbalizer-run.json"
 # Every name a command of this package writes into its --out folder (verbalize, demo, analyze).
 RUN_NAMES = {
-    MARKER, "results.jsonl", "captions.json", "prior.json", "regions.csv", "attributions", "features", "images",
-    "labels.json", "distribution.csv", "figure.png", "entropy.png", "grounding.csv", "grounding.png",
-    "summary.json", "report.md", "report.json",
+    MARKER, "results.jsonl", "captions.json", "captions.csv", "run.json", "prior.json", "regions.csv", "attributions",
+    "features", "images", "labels.json", "distribution.csv", "figure.png", "entropy.png", "grounding.csv",
+    "grounding.png", "summary.json", "report.md", "report.json", "regions",
 }
 
 

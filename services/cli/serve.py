@@ -149,6 +149,9 @@ def _child_env(args: argparse.Namespace) -> dict[str, str]:
     env.update(LV_MODEL=args.model, LV_DEVICE=args.device, LV_DTYPE=args.dtype)
     if args.pretrained is not None:  # else every child takes the model's default (shared.pretrained)
         env.update(LV_PRETRAINED=args.pretrained)
+    for flag, value in (("LV_FAMILY", args.family), ("LV_PROMPT", args.prompt)):
+        if value is not None:
+            env[flag] = value
     env.setdefault("OMP_NUM_THREADS", str(worker_threads()))  # torch's CPU threads per process
     if args.llm_url:
         env.update(LV_LLM_URL=args.llm_url, LV_CATEGORIZER_BACKEND="openai")

@@ -1,7 +1,10 @@
 """`latent-verbalizer verbalize PATH... --out DIR`: the embedded pipeline, one process, no Redis.
 
 Writes DIR/results.jsonl (one ImageResult per input image, in input order, streamed as it goes) and
-DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}).
+DIR/captions.json ({"layer_<i>": [captions of the images that succeeded, in results order]}) and
+DIR/run.json (the run's summary: the model's family, name, weights, prompt, layers and extras, with
+notes on what a family lacks, and the decoding parameters) and DIR/captions.csv (one row per image x
+layer and region x layer, with every scalar caption field: shared.tables).
 With grounding (the default; --no-grounding turns it off) every caption carries its grounding
 measures; once the last image is done results.jsonl is rewritten with the retrieval ranks, and
 DIR/prior.json holds the gray image's caption per layer ({"layer_<i>": caption}). With --attributions,
@@ -16,12 +19,9 @@ import csv
 import json
 import logging
 import sys
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
-
-from tqdm import tqdm
 
 from latent_verbalizer.services.cli.common import (
     add_decode_args,
@@ -32,14 +32,16 @@ from latent_verbalizer.services.cli.common import (
     positive_int,
 )
 from latent_verbalizer.services.cli.outputs import check_out, staged_run
+from latent_verbalizer.services.cli.progress import Progress
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings, rewrite_with_ranks, write_prior
-from latent_verbalizer.services.encoder.stage import check_layers
+from latent_verbalizer.services.families import Family
 from latent_verbalizer.services.pipeline import verbalize
-from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
-from latent_verbalizer.shared.models import LoadedModel, ModelError
+from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, ImageItem, check_inputs, iter_items
+from latent_verbalizer.shared.models import ModelError
 from latent_verbalizer.shared.regions import Region, check_coverable, parse_regions
-from latent_verbalizer.shared.schemas import DecodeParams, ImageResult
+from latent_verbalizer.shared.schemas import DecodeParams, resolve_layers
 from latent_verbalizer.shared.settings import get_settings
+from latent_verbalizer.shared.tables import REGION_COLUMNS, region_rows, write_captions_csv
 
 log = logging.getLogger("verbalize")
 
@@ -89,24 +91,40 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--gallery {args.gallery}: a gallery needs at least 2 images")
         regions = regions_from_args(args)
         check_out(args.out, args.overwrite, args.paths)
-        lm = model_from_args(args)
-        check_layers(lm.model.visual, layers)
-        check_coverable(regions, lm.model.visual.image_size, lm.model.visual.patch_size)
+        family = model_from_args(args)
+        resolve_layers(layers, family.num_layers)
+        if regions:
+            family.require("regions")
+            check_coverable(regions, family.geometry.image_size, family.geometry.patch_size)
+        if args.attributions:
+            family.require("attributions")
     except (ModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Everything is written into a folder beside --out that replaces it only when the run has succeeded.
     try:
         with staged_run(args.out, "verbalize") as tmp:
-            n_ok, n_err = write_run(lm, items, tmp, layers, params, batch_size=args.batch_size,
+            n_ok, n_err = write_run(family, items, tmp, layers, params, batch_size=args.batch_size,
                                     decode_batch=args.decode_batch, max_pixels=args.max_pixels,
                                     save_features=args.save_features, grounding=args.grounding,
-                                    gallery=args.gallery, attributions=args.attributions, regions=regions)
+                                    gallery=args.gallery, attributions=args.attributions, regions=regions,
+                                    total=_count_images(args.paths))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}; {args.out} is as it was", file=sys.stderr)
         return 2
     log.info("written", extra={"out": str(args.out)})
     return 0 if n_ok or not n_err else 1
+
+
+def _count_images(paths: list[str]) -> int | None:
+    """How many items the inputs make, for the progress bar; None when a .tar shard is among them."""
+    n = 0
+    for path in map(Path, paths):
+        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+        if any(f.suffix.lower() == ".tar" for f in files):
+            return None
+        n += sum(f.suffix.lower() in IMAGE_EXTS for f in files) if path.is_dir() else 1
+    return n
 
 
 def regions_from_args(args: argparse.Namespace) -> list[Region]:
@@ -118,20 +136,8 @@ def regions_from_args(args: argparse.Namespace) -> list[Region]:
     return parse_regions(texts, args.region_cls)
 
 
-REGION_COLUMNS = ["id", "region", "x0", "y0", "x1", "y1", "patches", "layer", "caption", "mean_entropy",
-                  "image_score", "prior", "prior_overlap", "last_layer_similarity"]
-
-
-def _region_rows(result: ImageResult) -> Iterator[list]:
-    """regions.csv: one row per region caption (box in image px; grounding columns empty when it was off)."""
-    for region in result.regions or []:
-        for c in region.layers:
-            yield [result.id, region.region.label, *region.box, region.patches, c.layer, c.caption, c.mean_entropy,
-                   c.image_score, c.prior, c.prior_overlap, c.last_layer_similarity]
-
-
 def write_run(
-    lm: LoadedModel,
+    family: Family,
     items: Iterable[ImageItem],
     out: Path,
     layers: list[int] | None = None,
@@ -145,16 +151,17 @@ def write_run(
     gallery: int = 1000,
     attributions: bool = False,
     regions: list[Region] | None = None,
+    total: int | None = None,
 ) -> tuple[int, int]:
-    """Verbalize `items` into `out` (results.jsonl, captions.json, prior.json with grounding, regions.csv
-    with regions); the `verbalize` command and `demo` both write their runs with it. -> (images captioned,
-    images failed)."""
+    """Verbalize `items` into `out` (results.jsonl, captions.json, captions.csv, run.json, prior.json with
+    grounding, regions.csv with regions); the `verbalize` command, `demo` and the Python API write their runs
+    with it. -> (images captioned, images failed)."""
     out.mkdir(parents=True, exist_ok=True)
     captions: dict[str, list[str]] = {}
     n_ok = n_err = 0
-    t0 = time.perf_counter()
+    progress = Progress(log, "verbalize", "images", "captions", total)
     embeddings = RunEmbeddings() if grounding else None
-    results = verbalize(lm, items, layers, params, batch_size, decode_batch,
+    results = verbalize(family, items, layers, params, batch_size, decode_batch,
                         out / "features" if save_features else None, max_pixels, embeddings,
                         out / "attributions" if attributions else None, regions)
     with ExitStack() as files:
@@ -162,10 +169,11 @@ def write_run(
         table = csv.writer(files.enter_context(open(out / "regions.csv", "w", newline=""))) if regions else None
         if table is not None:
             table.writerow(REGION_COLUMNS)
-        for r in tqdm(results, unit="img", desc="verbalize", disable=None):
+        for r in results:
             f.write(r.model_dump_json(exclude_none=True) + "\n")
             if table is not None:
-                table.writerows(_region_rows(r))
+                table.writerows(region_rows(r))
+            progress.update(1, len(r.layers or []) + sum(len(region.layers) for region in r.regions or []))
             if r.error:
                 n_err += 1
                 log.warning("image failed", extra={"id": r.id, "source": r.source, "reason": r.error})
@@ -174,8 +182,11 @@ def write_run(
             for c in r.layers:
                 captions.setdefault(f"layer_{c.layer}", []).append(c.caption)
     (out / "captions.json").write_text(json.dumps(captions, indent=1))
+    run = {**family.describe(), "selected_layers": layers, "decode": params.model_dump(), "grounding": grounding}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
     if embeddings is not None and embeddings.ids:
         rewrite_with_ranks(out / "results.jsonl", embeddings.ranks(gallery))
         write_prior(out / "prior.json", embeddings.null_captions)
-    log.info("done", extra={"images": n_ok, "errors": n_err, "seconds": round(time.perf_counter() - t0, 2)})
+    write_captions_csv(out / "results.jsonl", out / "captions.csv")
+    progress.close(errors=n_err)
     return n_ok, n_err

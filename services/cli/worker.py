@@ -71,18 +71,9 @@ def _load(args: argparse.Namespace) -> None:
         else:
             labeler(backend)
         return
-    lm = model_from_args(args)
-    # Make the stage's view of the weights (on CPU: reordered copies, ~1 s for coca_ViT-B-32) now,
-    # not in the first task.
-    if args.role == "encoder":
-        from latent_verbalizer.services.encoder.stage import vision_blocks
-
-        vision_blocks(lm.model.visual)
-    else:
-        from latent_verbalizer.services.decoder.model import TextDecoder
-
-        TextDecoder.of(lm.model)
-    use_model(lm)
+    family = model_from_args(args)
+    family.warm(args.role)  # what the role's first task would make (CoCa on CPU: reordered weights), now
+    use_model(family)
 
 
 def _wait_for(client: redis.Redis) -> bool:

@@ -15,6 +15,10 @@ values in every layer. Here each step feeds ONE token per row:
 The text tower's appended cls token (`embed_cls`) sits after the caption and, under the causal mask,
 cannot change the caption positions, so it is left out. Padding masks are not needed either: a
 row's prefix never holds the pad id 0, because a row that emits it is finished (as in open_clip).
+`score` runs the same weights over whole sequences at once (teacher forcing): every position of every
+row through both stacks in one forward, causal, then only the asked-for token of each position read out
+of the vocabulary's log-softmax; what likelihood grounding (services.decoder.pmi) needs of a caption
+under an image it was not decoded from.
 Shapes: B rows, D width, H heads, Dh = D / H, S positions, N image tokens, V vocabulary.
 """
 
@@ -29,7 +33,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from latent_verbalizer.services.decoder.kv_cache import KVCache
-from latent_verbalizer.shared.blocks import Block, Linear, cached
+from latent_verbalizer.shared.blocks import Block, Linear, cached, heads
 
 
 def _self_attention(block: Block, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
@@ -39,6 +43,12 @@ def _self_attention(block: Block, x: torch.Tensor, cache: KVCache, pos: int) -> 
     k_all, v_all = cache.update(pos, qkv[:, 1:])  # [B, H, pos+1, Dh] each
     attended = F.scaled_dot_product_attention(qkv[:, :1].transpose(1, 2), k_all, v_all)  # [B, H, 1, Dh]
     return block.attention_out(x, attended)
+
+
+def _causal_self_attention(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """x [B, S, D], every position attending to itself and the positions before it -> [B, S, D]."""
+    q, k, v = (heads(t, block.heads) for t in block.attn_in(block.ln_1(x)).chunk(3, dim=-1))  # [B, H, S, Dh]
+    return block.attention_out(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 @dataclass
@@ -90,6 +100,25 @@ def _cross_attention(
     mixed = torch.bmm(p, keys).transpose(0, 1)  # [H, B, D]  sum_j p_j n(x_j)
     attended = torch.baddbmm(image.b_v, mixed, image.w_v)  # [H, B, Dh]
     return block.attention_out(x, attended.transpose(0, 1)[:, :, None]), p  # attended as [B, H, 1, Dh]
+
+
+def _cross_attention_all(block: Block, image: _ImageAttention, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`_cross_attention` for every position at once: x [B, S, D] attends to keys [B, N, D] (row b to
+    keys[b]), or, with keys [1, N, D], every row to the same image -> [B, S, D]."""
+    B, S, _ = x.shape
+    H = block.heads
+    q = block.attn_in(block.ln_1(x)).view(B * S, H, -1).transpose(0, 1)  # [H, B*S, Dh]
+    if keys.shape[0] == 1:  # one image for all rows: its keys and values per head once, [H, N, Dh] each
+        k = torch.einsum("nd,hed->hne", keys[0], image.w_k)
+        v = torch.baddbmm(image.b_v, keys[0].expand(H, -1, -1), image.w_v)
+        p = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)  # [H, B*S, N]
+        attended = torch.bmm(p, v)  # [H, B*S, Dh]
+    else:  # the fold of `_ImageAttention`: no keys or values per row
+        q = torch.bmm(q, image.w_k).view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, D]
+        p = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # [B, H*S, N]
+        mixed = torch.bmm(p, keys).view(B, H, S, -1).transpose(0, 1).reshape(H, B * S, -1)  # [H, B*S, D]
+        attended = torch.baddbmm(image.b_v, mixed, image.w_v)  # [H, B*S, Dh]
+    return block.attention_out(x, attended.view(H, B, S, -1).transpose(0, 1))  # attended as [B, H, S, Dh]
 
 
 class TextDecoder:
@@ -158,3 +187,36 @@ class TextDecoder:
             if attention is not None:
                 attention += p.float().mean(1) / len(self.cross_blocks)
         return self.vocab(self.decoder.ln_final(x[:, 0])).float()  # [B, V]
+
+    @torch.inference_mode()
+    def score(self, image_tokens: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor | None = None,
+              chunk: int = 1024) -> torch.Tensor:
+        """Teacher forcing: image_tokens [B, N, D] (or [1, N, D]: one image read by every row, whose
+        cross-attention keys and values are then projected once, not folded per row), ids [B, S] (start
+        token, caption, end token, anything after) -> logp [B, S-1] float32, logp[b, t] = log p(ids[b, t+1]
+        | ids[b, :t+1], image) (natural log, the log-softmax of the raw logits, as `step` computes them one
+        position at a time). With
+        `lengths` [B], only positions t < lengths[b] are read out (the others hold 0): a row's tokens past
+        its end cost the two stacks (causal: they cannot change earlier positions) but not the vocabulary.
+        The vocabulary is read for `chunk` positions at a time ([chunk, V] float32 at once)."""
+        B, S = ids.shape
+        if S > self.max_len:
+            raise ValueError(f"{S} positions exceed the text tower's {self.max_len}")
+        inputs = ids[:, :-1]  # [B, S-1]
+        x = self.text.token_embedding(inputs).to(self.dtype) + self.text.positional_embedding[: S - 1].to(self.dtype)
+        for block in self.text_blocks:
+            x = _causal_self_attention(block, x)  # [B, S-1, D]
+        keys = self.image_keys(image_tokens)  # [B, N, D]
+        for block, xblock, image in zip(self.self_blocks, self.cross_blocks, self.image_attn):
+            x = _cross_attention_all(xblock, image, _causal_self_attention(block, x), keys)
+        read = torch.ones_like(inputs, dtype=torch.bool) if lengths is None else (
+            torch.arange(S - 1, device=ids.device) < lengths.to(ids.device)[:, None])  # [B, S-1]
+        states, targets = x[read], ids[:, 1:][read]  # [P, D], [P]
+        out = torch.empty(len(targets), device=ids.device)
+        for start in range(0, len(targets), chunk):
+            logits = self.vocab(self.decoder.ln_final(states[start : start + chunk])).float()  # [c, V]
+            picked = logits.gather(1, targets[start : start + chunk, None])[:, 0]
+            out[start : start + chunk] = picked - torch.logsumexp(logits, dim=-1)
+        logp = torch.zeros(B, S - 1, device=ids.device)
+        logp[read] = out
+        return logp

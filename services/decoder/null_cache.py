@@ -25,8 +25,8 @@ import open_clip
 import torch
 from torch import nn
 
+from latent_verbalizer.services.families import Family
 from latent_verbalizer.shared.artifacts import write_atomic
-from latent_verbalizer.shared.models import LoadedModel
 from latent_verbalizer.shared.schemas import DecodeParams
 from latent_verbalizer.shared.settings import get_settings
 
@@ -78,11 +78,11 @@ def _fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def entry_name(lm: LoadedModel, gray: torch.Tensor, layers: Sequence[int], params: DecodeParams) -> str:
+def entry_name(family: Family, gray: torch.Tensor, layers: Sequence[int], params: DecodeParams) -> str:
     """The key of the captions of the preprocessed gray image `gray` (any shape, dtype and device)."""
     digest = hashlib.sha256()
-    for part in (FORMAT, _code(), lm.name, weights_fingerprint(lm.model), str(lm.dtype), lm.device.type,
-                 json.dumps(list(layers)), params.model_dump_json()):
+    for part in (FORMAT, _code(), family.family, family.name, family.prompt or "", weights_fingerprint(family.model),
+                 str(family.dtype), family.device.type, json.dumps(list(layers)), params.model_dump_json()):
         digest.update(part.encode() + b"\0")
     digest.update(gray.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -95,7 +95,7 @@ def _code() -> str:
     digest = hashlib.sha256(f"{torch.__version__}\0{open_clip.__version__}\0".encode())
     root = Path(__file__).resolve().parents[2]
     for path in sorted([*root.glob("services/encoder/*.py"), *root.glob("services/decoder/*.py"),
-                        root / "shared" / "blocks.py"]):
+                        *root.glob("services/families/*.py"), root / "shared" / "blocks.py"]):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

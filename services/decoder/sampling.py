@@ -17,17 +17,16 @@ from latent_verbalizer.shared.schemas import DecodeParams
 _MASK32 = 0xFFFFFFFF
 
 
-def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (bits) of softmax(logits) per row. logits [B, V] float32 -> [B]."""
-    logp = torch.log_softmax(logits, dim=-1)
+def entropy_bits(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy (bits) of a distribution per row, given as logp [B, V] = log_softmax(raw logits) float32 -> [B]."""
     return -(logp.exp() * logp).sum(-1) / math.log(2)
 
 
-def block_end_token(scores: torch.Tensor, cur_len: int, min_seq_len: int, eot_id: int) -> torch.Tensor:
+def block_end_token(scores: torch.Tensor, cur_len: int, min_seq_len: int, end_ids: tuple[int, ...]) -> torch.Tensor:
     """Like transformers' MinLengthLogitsProcessor: no end token while fewer than min_seq_len
-    tokens (start token included) are present."""
+    tokens (start slot included) are present."""
     if cur_len < min_seq_len:
-        scores[:, eot_id] = -math.inf
+        scores[:, list(end_ids)] = -math.inf
     return scores
 
 

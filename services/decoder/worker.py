@@ -8,14 +8,19 @@ attributions, each image's word -> patch maps go straight to the job's outputs
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, loaded_model, run_chunk
 from latent_verbalizer.services.decoder.captions import caption_batch, write_maps
 from latent_verbalizer.services.decoder.regions import region_results
-from latent_verbalizer.services.encoder.stage import Encoded
+from latent_verbalizer.services.families.base import Encoded
+from latent_verbalizer.shared.artifacts import write_atomic
 from latent_verbalizer.shared.jobs import JobRecord
 from latent_verbalizer.shared.schemas import ImageResult
+
+MODEL_FILE = "model.json"  # services.chain.finish reads it
 
 
 def decode_chunk(job_id: str, chunk: int) -> None:
@@ -23,26 +28,29 @@ def decode_chunk(job_id: str, chunk: int) -> None:
 
 
 def _decode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
-    lm = loaded_model("decoder")
+    family = loaded_model("decoder")
+    # the job's model, as every chunk decodes it (the finish step puts it in summary.json): written whole
+    write_atomic(ctx.store.output(job.id, MODEL_FILE), json.dumps(family.describe()).encode())
     latents, info = ctx.store.read_latents(job.id, chunk)
     options, ids = job.options, info["encoded"]
     fields: dict[str, dict] = {}  # image id -> its result's fields
     grounding: tuple[dict, dict] = ({}, {"ids": [], "prior": {}})  # what the finish step reads
     if latents is not None:
-        encoded = _read_encoded(ctx, job, chunk, latents)
-        captioned = caption_batch(lm, encoded, info["layers"], ids, options.regions, options.decode,
+        encoded = _read_encoded(ctx, job, chunk, latents, info["beside"])
+        captioned = caption_batch(family, encoded, info["layers"], ids, options.regions, options.decode,
                                   ctx.settings.decode_batch, options.grounding, options.attributions)
         if options.grounding:
-            text, image = captioned.ranked_embeddings()
-            grounding = ({"image": image, "text": text}, {"ids": ids, "prior": captioned.grounded.null_captions})
+            text, image = captioned.ranked_embeddings()  # None without a contrastive head: no ranks
+            tensors = {} if text is None else {"image": image, "text": text}
+            grounding = (tensors, {"ids": ids, "prior": captioned.grounded.null_captions})
         if options.attributions:
-            write_maps(lm, ctx.store.attributions(job.id), ids, info["input_box"], captioned, encoded.pool_attention)
+            write_maps(family, ctx.store.attributions(job.id), ids, info["input_box"], captioned, encoded)
         for j, (image_id, captions, region_captions) in enumerate(zip(ids, captioned.captions,
                                                                       captioned.region_captions)):
             fields[image_id] = dict(
                 layers=captions, size=info["sizes"][j], input_box=info["input_box"][j],
                 regions=region_results(options.regions, info["region_boxes"][j], info["region_patches"][j],
-                                       region_captions) if options.regions else None)
+                                       info["region_errors"][j], region_captions) if options.regions else None)
     if options.grounding:
         ctx.store.write_tensors(job.id, "grounding", chunk, *grounding)
     results = [ImageResult(id=item["id"], source=item["source"], meta=item["meta"],
@@ -52,9 +60,6 @@ def _decode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
     return ChunkOutcome(images=len(results))
 
 
-def _read_encoded(ctx: Context, job: JobRecord, chunk: int, latents: torch.Tensor) -> Encoded:
+def _read_encoded(ctx: Context, job: JobRecord, chunk: int, latents: torch.Tensor, beside: list[str]) -> Encoded:
     """The chunk's latents and what the encoder task stored beside them (services.encoder.worker)."""
-    wanted = {"image_embeddings": job.options.grounding, "region_latents": bool(job.options.regions),
-              "pool_attention": job.options.attributions}
-    return Encoded(latents, **{kind: ctx.store.read_tensors(job.id, kind, chunk)[0][kind]
-                               for kind, on in wanted.items() if on})
+    return Encoded(latents, **{kind: ctx.store.read_tensors(job.id, kind, chunk)[0][kind] for kind in beside})

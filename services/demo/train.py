@@ -10,13 +10,12 @@ Held-out checks caption scenes of seed `seed + 1` greedily with open_clip's `gen
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -247,27 +246,3 @@ def plot_losses(log_path: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument("--out", type=Path, default=Path("runs/train-demo"),
-                   help=f"writes {CHECKPOINT}, {LOG} and loss.png here")
-    p.add_argument("--seed", type=int, default=d.seed, help="model init and training scenes")
-    for name in ("steps", "batch_size", "lr", "vision_lr", "warmup", "caption_loss_weight", "clip_loss_weight", "group",
-                 "threads", "device", "workers", "eval_every"):
-        default = getattr(d, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
-                       help=f"default {default}")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    if resolve_device(cfg.device).type == "cpu" and cfg.steps * cfg.batch_size > 200_000:
-        log.warning("training %d x %d images on the CPU takes many hours (~30 images/s on 2 cores); "
-                    "docs/demo_model.md 'On a CPU' gives a 30-minute recipe (a weaker model)",
-                    cfg.steps, cfg.batch_size)
-    path = train(cfg, args.out)
-    plot_losses(args.out / LOG, args.out / "loss.png")
-    print(f"weights: {path}\nlog: {args.out / LOG}\nloss curve: {args.out / 'loss.png'}")
-    return 0

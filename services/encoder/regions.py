@@ -1,35 +1,40 @@
-"""Where a region lands in the model's input, and which of the pooler's keys its queries see.
+"""Where a region lands in the model's input, and which image positions it reads: for any family.
 
 The model does not see the image: it sees the image after its preprocessing (open_clip, CoCa: resize
-the shortest side to the input size, then center-crop), cut into patches. `placement` reads that
-transform step by step and returns the map from image pixels to input pixels:
+the shortest side to the input size, then center-crop), cut into patches. A family states that as its
+`Geometry` (services.families.base: input size, patch size, a leading class token or not, and `place`,
+the map from image pixels to input pixels); for a transform of torchvision / open_clip steps (CoCa)
+`placement` reads the transform step by step (`transform_geometry`):
 
     input px = image px * scale + shift         (per axis; continuous coordinates, 0 = a pixel's edge)
 
 A region (shared.regions: the syntax and parsing, re-exported here) is put in image pixels (fractions
 of the image's size, or for "input" units, grid cells, of the input box: the part of the image the input
 shows), clipped to the image, mapped into input pixels, and patch (i, j) of the input's grid is SEEN when
-more than half of its area lies inside it (shared.regions.covered); token 0, the class token (every
-block lets it read the whole image), is seen only with `include_cls`. The key mask [N, R, T] goes to
-services.encoder.stage.pool_regions: region r's pooler queries attend over its seen keys only, at every
-selected layer, and the decoder reads the result as it reads a whole image's.
+more than half of its area lies inside it (shared.regions.covered; a region that sees no patch of an
+image fails on that image alone, with the reason in its entry of the results); a leading class token
+(every block lets it read the whole image) is seen only with `include_cls`. The mask [N, R, T] (T = the class token if
+the family has one, then the gh x gw patches) goes to the family's `encode` as `key_mask`: CoCa's pooler
+queries attend over a region's seen keys only, at every selected layer, and the decoder reads the result
+as it reads a whole image's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from open_clip.transform import CenterCropOrPad, MaybeConvertMode, MaybeToTensor, ResizeKeepRatio
 from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
 
+from latent_verbalizer.services.families.base import Family, Geometry
 from latent_verbalizer.shared.images import ImageItem
-from latent_verbalizer.shared.models import LoadedModel
 from latent_verbalizer.shared.regions import MAX_REGIONS, Region, RegionError, covered, parse_region, parse_regions
 
 __all__ = ["MAX_REGIONS", "Region", "RegionError", "parse_region", "parse_regions", "Placement", "placement",
-           "input_box", "image_box", "Located", "locate", "key_mask", "place", "with_whole_image"]
+           "input_box", "image_box", "transform_geometry", "Located", "locate", "key_mask", "place", "with_whole_image"]
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 _NO_GEOMETRY = (MaybeConvertMode, MaybeToTensor, ToTensor, Normalize)  # steps that move no pixel
@@ -103,6 +108,16 @@ def _crop_offset(side: int, crop: int) -> int:
     return int(round((side - crop) / 2.0))
 
 
+def transform_geometry(preprocess: Callable, image_size: int | tuple[int, int], patch_size: int | tuple[int, int],
+                       class_token: bool = True) -> Geometry:
+    """The Geometry of a model whose preprocessing is a transform `placement` follows (open_clip's)."""
+    return Geometry(_pair(image_size), _pair(patch_size), class_token, partial(placement, preprocess))
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def input_box(preprocess: Callable, width: int, height: int) -> Box:
     """The part of a width x height image, in its own pixels, that the model's input shows (center
     crop: a box inside the image; padding: a box larger than it)."""
@@ -123,49 +138,49 @@ def image_box(region: Region, width: int, height: int, shown: Box) -> Box:
 
 @dataclass
 class Located:
-    """An image's regions, placed: what the results report and the pooler's key mask."""
+    """An image's regions, placed: what the results report and the mask of the positions they read."""
 
     size: tuple[int, int]  # the image's (w, h)
     input_box: Box  # what the model's input shows, in image px
     boxes: list[Box]  # each region in image px, clipped to the image
-    mask: torch.Tensor  # [R, T] bool: the keys region r's queries see (token 0: the class token)
-
-    @property
-    def patches(self) -> list[int]:
-        """Patches each region's queries read (the class token not counted)."""
-        return self.mask[:, 1:].sum(-1).tolist()
+    mask: torch.Tensor  # [R, T] bool: the positions region r reads (a class token first, when the family has one)
+    patches: list[int]  # patches each region reads (a class token not counted)
+    errors: list[str | None]  # per region, why it cannot be captioned on this image (None: it can)
 
 
-def locate(regions: Sequence[Region], size: tuple[int, int], preprocess: Callable,
-           image_size: tuple[int, int], patch_size: tuple[int, int]) -> Located:
-    """Place each region of an image of `size` (w, h) in the model's input of `image_size` (H, W) and
-    its grid of `patch_size` (ph, pw) patches. RegionError naming the first region that covers no
-    patch (more than half of one), with the patch size."""
-    p = placement(preprocess, *size)
-    (H, W), (ph, pw) = image_size, patch_size
+def locate(regions: Sequence[Region], size: tuple[int, int], geometry: Geometry) -> Located:
+    """Place each region of an image of `size` (w, h) in the model's input and its grid of patches. A region
+    that covers no patch (more than half of one) gets an error naming it, its box and the patch size; its
+    mask row then reads every position (a placeholder the encoder can attend over: its captions are dropped)."""
+    p = geometry.place(*size)
+    (H, W), (ph, pw) = geometry.image_size, geometry.patch_size
     if p.input_size != (W, H):
         raise ValueError(f"the preprocessing gives {p.input_size[0]}x{p.input_size[1]} px, the model takes {W}x{H}")
     shown = p.to_image((0, 0, W, H))
-    boxes, masks = [], []
+    T = int(geometry.class_token) + (H // ph) * (W // pw)
+    boxes, masks, patches, errors = [], [], [], []
     for region in regions:
         box = image_box(region, *size, shown)
         x0, y0, x1, y1 = p.to_input(box)
-        seen = torch.tensor(covered((x0, y0, x1, y1), image_size, patch_size))  # [gh*gw], row-major as the tokens
-        if not seen.any():
-            raise RegionError(
-                f"{region.describe()} covers no whole {pw}x{ph}-px patch of the model's input (more than half of"
-                f" one is needed): on this {size[0]}x{size[1]} image it is {_fmt(box)} px, {_fmt((x0, y0, x1, y1))}"
-                f" px of the {W}x{H}-px input")
+        seen = torch.tensor(covered((x0, y0, x1, y1), geometry.image_size, geometry.patch_size))  # [gh*gw] row-major
         boxes.append(box)
-        masks.append(torch.cat([torch.tensor([region.include_cls]), seen]))  # [T]
-    mask = torch.stack(masks) if masks else torch.zeros(0, 1 + (H // ph) * (W // pw), dtype=torch.bool)
-    return Located(size, shown, boxes, mask)
+        patches.append(int(seen.sum()))
+        if not seen.any():
+            errors.append(f"{region.describe()} covers no whole {pw}x{ph}-px patch of the model's input (more than"
+                          f" half of one is needed): on this {size[0]}x{size[1]} image it is {_fmt(box)} px,"
+                          f" {_fmt((x0, y0, x1, y1))} px of the {W}x{H}-px input")
+            masks.append(torch.ones(T, dtype=torch.bool))  # the placeholder
+            continue
+        errors.append(None)
+        lead = [region.include_cls] if geometry.class_token else []  # the class token's column
+        masks.append(torch.cat([torch.tensor(lead, dtype=torch.bool), seen]))  # [T]
+    mask = torch.stack(masks) if masks else torch.zeros(0, T, dtype=torch.bool)
+    return Located(size, shown, boxes, mask, patches, errors)
 
 
-def key_mask(regions: Sequence[Region], sizes: Sequence[tuple[int, int]], preprocess: Callable,
-             image_size: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
-    """-> bool [N, R, T], True: region r of image n reads key t (see `locate`)."""
-    return torch.stack([locate(regions, s, preprocess, image_size, patch_size).mask for s in sizes])
+def key_mask(regions: Sequence[Region], sizes: Sequence[tuple[int, int]], geometry: Geometry) -> torch.Tensor:
+    """-> bool [N, R, T], True: region r of image n reads position t (see `locate`)."""
+    return torch.stack([locate(regions, s, geometry).mask for s in sizes])
 
 
 def with_whole_image(mask: torch.Tensor | None, n: int, T: int, device: torch.device) -> torch.Tensor:
@@ -175,24 +190,13 @@ def with_whole_image(mask: torch.Tensor | None, n: int, T: int, device: torch.de
     return whole if mask is None else torch.cat([whole, mask.to(device)], dim=1)
 
 
-def place(
-    lm: LoadedModel, pixels: torch.Tensor | None, items: list[ImageItem], regions: Sequence[Region],
-    errors: dict[str, str],
-) -> tuple[torch.Tensor | None, list[ImageItem], list[Located]]:
-    """`load_pixels`' output -> the same without the images where a region covers no patch (their
-    RegionError goes to `errors`, by id), and each kept image `Located` (no regions: just its size and
-    input box; mask [0, T])."""
-    visual = lm.model.visual
-    kept, located = [], []
-    for j, item in enumerate(items):
-        try:
-            located.append(locate(regions, item.size, lm.preprocess, visual.image_size, visual.patch_size))
-            kept.append(j)
-        except RegionError as e:
-            errors[item.id] = str(e)
-    if len(kept) == len(items):
-        return pixels, items, located
-    return (pixels[kept] if kept else None), [items[j] for j in kept], located
+def place(family: Family, items: list[ImageItem], regions: Sequence[Region]) -> list[Located]:
+    """Each loaded image `Located` (no regions: just its size and input box; mask [0, T]). A region that
+    covers no patch of an image fails on that image alone (`Located.errors`): the image keeps its captions.
+    A family without the regions extra refuses regions (FamilyError)."""
+    if regions:
+        family.require("regions")
+    return [locate(regions, item.size, family.geometry) for item in items]
 
 
 def _fmt(box: Box) -> str:

@@ -1,4 +1,10 @@
-"""Encoder stage: images -> per-layer latent tokens for the text decoder.
+"""Encoder stage: images -> per-layer latent tokens for the text side, for every family
+(`load_pixels`, `encode_batch`: the pipeline and the encoder worker run these), and CoCa's encoder
+engine, which services.families.coca drives (everything below `encode_batch`).
+
+    items -> load_pixels (the family's own preprocessing) -> pixels [n, 3, H, W]
+          -> encode_batch -> Encoded (services.families.base): family.encode per vision forward, and with
+             grounding the null (flat gray) image's latents, so the decoder side never encodes
 
 For a CoCa ViT the decoder normally sees   attn_pool(x_L) -> ln_post -> drop token 0,
 where x_L is the residual stream after the last block. Latent captioning applies the same path to
@@ -24,7 +30,6 @@ captures the whole tower for it (`with_last`) and takes it from the same pooler 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +37,9 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 
 from latent_verbalizer.services.encoder.regions import with_whole_image
+from latent_verbalizer.services.families.base import Encoded, Family
 from latent_verbalizer.shared.blocks import Block, cached
 from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageError, ImageItem, decode_image
-from latent_verbalizer.shared.models import LoadedModel
 from latent_verbalizer.shared.pretrained import DEMO_NOTE
 from latent_verbalizer.shared.schemas import resolve_layers
 from latent_verbalizer.shared.settings import DEMO_MODEL
@@ -46,7 +51,7 @@ PHOTO_SIDE = 128
 
 
 def load_pixels(
-    lm: LoadedModel, items: list[ImageItem], max_pixels: int = DEFAULT_MAX_PIXELS
+    family: Family, items: list[ImageItem], max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[torch.Tensor | None, list[ImageItem], dict[str, str]]:
     """Decode and preprocess (the model's own transform) every item that is a usable image.
     -> pixels [n, 3, H, W] on the model's device and dtype (None if n == 0), the n good items (each
@@ -57,26 +62,49 @@ def load_pixels(
             if item.error:
                 raise ImageError(item.error)
             image = decode_image(item.data, max_pixels)
-            _note_photo_on_demo_model(lm, item, image)
-            tensors.append(lm.preprocess(image))
+            _note_photo_on_demo_model(family, item, image)
+            tensors.append(family.preprocess(image))
             item.size = image.size
             good.append(item)
         except ImageError as e:
             errors[item.id] = str(e)
     if not tensors:
         return None, good, errors
-    return torch.stack(tensors).to(lm.device, lm.dtype), good, errors
+    return torch.stack(tensors).to(family.device, family.dtype), good, errors
 
 
 _noted_photo = False
 
 
-def _note_photo_on_demo_model(lm: LoadedModel, item: ImageItem, image: Image.Image) -> None:
+def _note_photo_on_demo_model(family: Family, item: ImageItem, image: Image.Image) -> None:
     """Say once per process that the demo model is captioning what looks like a photo."""
     global _noted_photo
-    if lm.name == DEMO_MODEL and max(image.size) > PHOTO_SIDE and not _noted_photo:
+    if family.name == DEMO_MODEL and max(image.size) > PHOTO_SIDE and not _noted_photo:
         _noted_photo = True
         log.warning(f"{item.id} ({image.width}x{image.height}) is captioned by {DEMO_NOTE}")
+
+
+@torch.inference_mode()
+def encode_batch(
+    family: Family, pixels: torch.Tensor, layers: list[int], *, grounding: bool = False,
+    key_mask: torch.Tensor | None = None, attributions: bool = False, step: int | None = None,
+) -> Encoded:
+    """pixels [n, 3, H, W] -> Encoded, in vision forwards of at most `step` images (default: one). With
+    grounding: the contrastive image embeddings where the family has them, and the null image's latents
+    (encoded alone; the decoder side decides whether it needs to decode them). key_mask [n, R, T]: the
+    regions' positions (services.encoder.regions); a family that reads regions through a mask over the
+    image positions rather than latents of their own gets it back as `region_mask`."""
+    step = step or len(pixels)
+    contrastive = grounding and family.has("contrastive")
+    parts = [family.encode(pixels[i : i + step], layers, contrastive=contrastive, attributions=attributions,
+                           key_mask=None if key_mask is None else key_mask[i : i + step].to(pixels.device))
+             for i in range(0, len(pixels), step)]
+    encoded = parts[0] if len(parts) == 1 else Encoded.cat(parts)
+    if key_mask is not None and encoded.region_latents is None:
+        encoded.region_mask = key_mask.to(encoded.latents.device)
+    if grounding:
+        encoded.null_latents = family.encode(family.null_pixels(), layers).latents  # [L, 1, N, D]
+    return encoded
 
 
 def check_layers(visual: VisionTransformer, layers: list[int] | None) -> list[int]:
@@ -221,26 +249,6 @@ def encode_grounded(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pixels [N, 3, H, W] -> (latents [L, N, Q-1, D], image embeddings [N, E]); see `pool_grounded`."""
     return pool_grounded(visual, capture_blocks(visual, pixels, with_last(visual, layers)), layers)
-
-
-@dataclass
-class Encoded:
-    """What the decoder stage reads of a batch of n images (services.decoder.captions.caption_batch)."""
-
-    latents: torch.Tensor  # [L, n, Q-1, D] the decoder's tokens of each selected layer
-    image_embeddings: torch.Tensor | None = None  # [n, E] contrastive image embeddings (grounding)
-    region_latents: torch.Tensor | None = None  # [L, n, R, Q-1, D] (regions)
-    pool_attention: torch.Tensor | None = None  # [L, n, 1+R, Q-1, T] whole image, then regions (attributions)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The parts that are there, by name."""
-        return {f.name: t for f in fields(self) if (t := getattr(self, f.name)) is not None}
-
-    @classmethod
-    def cat(cls, parts: list[Encoded]) -> Encoded:
-        """Batches of images -> one, along each part's image dimension."""
-        return cls(**{name: torch.cat([p.tensors()[name] for p in parts], dim=0 if name == "image_embeddings" else 1)
-                      for name in parts[0].tensors()})
 
 
 def captured_layers(visual: VisionTransformer, layers: list[int], grounding: bool) -> list[int]:

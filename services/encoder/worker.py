@@ -1,7 +1,8 @@
-"""RQ task of the encoder stage: a chunk's images -> per-layer latents in the artifact store (and, when
-the job is grounded, the images' contrastive embeddings beside them; with regions, each region's latents;
-with attributions, the pooler's attention weights, which the decoder task composes into word -> patch maps).
-An image where a region covers no patch is a per-image error, as an unreadable one.
+"""RQ task of the encoder stage: a chunk's images -> per-layer latents in the artifact store (and beside
+them what the job asks for: with grounding the null image's latents and, where the family has them, the
+images' contrastive embeddings; with regions, each region's latents or mask; with attributions, CoCa's
+pooler weights, which the decoder task composes into word -> patch maps). See encoder.stage.encode_batch.
+A region that covers no patch of an image fails on that image alone (the region's error in its results).
 The worker process loads the model once (`services.chain.tasks.use_model`); RQ then calls `encode_chunk` per chunk."""
 
 from __future__ import annotations
@@ -10,15 +11,9 @@ import torch
 
 from latent_verbalizer.services.chain.tasks import ChunkOutcome, Context, loaded_model, run_chunk
 from latent_verbalizer.services.encoder.regions import place
-from latent_verbalizer.services.encoder.stage import (
-    Encoded,
-    capture_blocks,
-    captured_layers,
-    check_layers,
-    load_pixels,
-    pool_encoded,
-)
+from latent_verbalizer.services.encoder.stage import encode_batch, load_pixels
 from latent_verbalizer.shared.jobs import JobRecord
+from latent_verbalizer.shared.schemas import resolve_layers
 
 
 def encode_chunk(job_id: str, chunk: int) -> None:
@@ -26,21 +21,17 @@ def encode_chunk(job_id: str, chunk: int) -> None:
 
 
 def _encode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
-    lm = loaded_model("encoder")
-    visual = lm.model.visual
+    family = loaded_model("encoder")
     items = ctx.store.read_inputs(job.id, chunk)
-    layers = check_layers(visual, job.options.layers)
-    pixels, good, errors = load_pixels(lm, items, ctx.settings.max_image_pixels)
-    pixels, good, located = place(lm, pixels, good, job.options.regions, errors)  # a region covering no patch: an error
+    layers = resolve_layers(job.options.layers, family.num_layers)
+    pixels, good, errors = load_pixels(family, items, ctx.settings.max_image_pixels)
+    located = place(family, good, job.options.regions)  # a region covering no patch of an image: that region's error
     encoded = None
     if pixels is not None:  # vision forwards of at most encode_batch images
-        step, options = ctx.settings.encode_batch, job.options
+        options = job.options
         mask = torch.stack([p.mask for p in located]) if options.regions else None  # [n, R, T]
-        captured = captured_layers(visual, layers, options.grounding)
-        encoded = Encoded.cat([
-            pool_encoded(visual, capture_blocks(visual, pixels[i : i + step], captured), layers, options.grounding,
-                         None if mask is None else mask[i : i + step], options.attributions)
-            for i in range(0, len(pixels), step)])
+        encoded = encode_batch(family, pixels, layers, grounding=options.grounding, key_mask=mask,
+                               attributions=options.attributions, step=ctx.settings.encode_batch)
     info = {
         "layers": layers,
         "items": [{"id": i.id, "source": i.source, "meta": i.meta, "error": errors.get(i.id)} for i in items],
@@ -50,10 +41,12 @@ def _encode(ctx: Context, job: JobRecord, chunk: int) -> ChunkOutcome:
         "input_box": [list(p.input_box) for p in located],
         "region_boxes": [[list(b) for b in p.boxes] for p in located],
         "region_patches": [p.patches for p in located],
+        "region_errors": [p.errors for p in located],
     }
     beside = {} if encoded is None else encoded.tensors()
     latents = beside.pop("latents", None)
-    for name, tensor in beside.items():  # image embeddings, region latents, pooler attention: when asked for
+    for name, tensor in beside.items():  # null latents, image embeddings, regions, pooler attention: when asked for
         ctx.store.write_tensors(job.id, name, chunk, {name: tensor}, {"encoded": info["encoded"]})
+    info["beside"] = list(beside)  # what the decoder task reads back (services.decoder.worker)
     ctx.store.write_latents(job.id, chunk, latents, info)
     return ChunkOutcome(images=len(items), failed_images=len(errors))

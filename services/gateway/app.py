@@ -124,7 +124,8 @@ def _model_bounds(doc: dict[str, Any], model: ModelInfo) -> None:
     if model.max_seq_len is not None:
         decode = schemas["DecodeParams"]["properties"]
         decode["seq_len"]["maximum"] = min(decode["seq_len"]["maximum"], model.max_seq_len)
-        decode["min_seq_len"]["maximum"] = decode["seq_len"]["maximum"] - 1
+        min_len = next(s for s in decode["min_seq_len"]["anyOf"] if s.get("type") == "integer")  # or null
+        min_len["maximum"] = decode["seq_len"]["maximum"] - 1
 
 
 # Every error answer is an ErrorOut, whoever raised it: request validation, a handler, Starlette's routing

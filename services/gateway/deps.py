@@ -11,6 +11,7 @@ import redis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from latent_verbalizer.services.chain.context import Context
 from latent_verbalizer.services.gateway.backends import LLMProbe
 from latent_verbalizer.services.gateway.schemas import ModelInfo
 from latent_verbalizer.shared.artifacts import ArtifactStore
@@ -27,6 +28,11 @@ class Gateway:
     store: ArtifactStore
     model: ModelInfo
     llm: LLMProbe | None  # None: no LLM server configured
+
+    @property
+    def chain(self) -> Context:
+        """What the job chain's steps work with (services.chain)."""
+        return Context(self.settings, self.client, self.jobs, self.store)
 
     def unserved(self, stages: tuple[str, ...] = STAGES) -> dict[str, str]:
         """Per stage with no ready or busy worker for the served model, why."""
@@ -60,8 +66,13 @@ def find_job(job_id: str, request: Request) -> JobRecord:
 Job = Annotated[JobRecord, Depends(find_job)]  # a route's job, named by the path's {job_id}, or 404
 
 
-def require_succeeded(job: JobRecord) -> None:
-    """A job's outputs are served once it has succeeded: 409 with its status (and error) before."""
-    if job.status != JobStatus.succeeded:
-        reason = f": {job.error}" if job.error else ""
-        raise HTTPException(409, f"job is {job.status.value}{reason}; outputs exist once it has succeeded")
+def require_succeeded(job: JobRecord, partial_ok: bool = False) -> None:
+    """A job's outputs are served once it has succeeded (`partial_ok`: or was cancelled, whose results hold
+    what it finished): 409 with its status (and error) before."""
+    if job.status == JobStatus.succeeded or (partial_ok and job.status == JobStatus.cancelled):
+        return
+    if job.status == JobStatus.cancelled:
+        raise HTTPException(409, f"job is cancelled: of its outputs only the finished captions are kept, at"
+                                 f" /v1/jobs/{job.id}/results (partial)")
+    reason = f": {job.error}" if job.error else ""
+    raise HTTPException(409, f"job is {job.status.value}{reason}; outputs exist once it has succeeded")

@@ -34,7 +34,7 @@ ERRORS = {  # status -> what it means on this API
     401: "missing or invalid API key: send `Authorization: Bearer <key>`",
     403: "not allowed on this server (a shard outside its data roots, shard URLs disabled)",
     404: "no such job (unknown or expired), output or shard",
-    409: "the job has not succeeded: its outputs do not exist (yet)",
+    409: "the job has not succeeded: its outputs do not exist (yet; a cancelled job keeps only its partial results)",
     411: "no Content-Length header (streamed bodies are not accepted)",
     413: "over a limit of the server: body bytes, files or shards per job (GET /v1/options)",
     415: "a content type or a file the server does not take",
@@ -65,7 +65,12 @@ class Links(BaseModel):
     figure: str
     entropy: str
     distribution: str
+    figure_supported: str = Field(description="figure_supported.png, the classes of the phrases the image supports"
+                                              " (likelihood grounding; 404 without categorize or grounding)")
+    distribution_supported: str = Field(description="distribution_supported.csv, the same as numbers")
     grounding: str = Field(description="grounding.png, the grounding curves per layer (404 when grounding was off)")
+    captions: str = Field(description="captions.csv, every caption one row each (image or region, layer, grounding)")
+    regions: str = Field(description="regions.csv, the region captions one row each (404 when the job had no regions)")
     viewer: str = Field(description="the job in the web viewer (open it in a browser)")
 
     @classmethod
@@ -73,7 +78,10 @@ class Links(BaseModel):
         base = f"/v1/jobs/{job_id}"
         return cls(self=base, results=f"{base}/results", summary=f"{base}/summary", figure=f"{base}/figure.png",
                    entropy=f"{base}/entropy.png", distribution=f"{base}/distribution.csv",
-                   grounding=f"{base}/grounding.png", viewer=f"/#job/{job_id}")
+                   figure_supported=f"{base}/figure_supported.png",
+                   distribution_supported=f"{base}/distribution_supported.csv", grounding=f"{base}/grounding.png",
+                   captions=f"{base}/captions.csv", regions=f"{base}/regions.csv",
+                   viewer=f"/#job/{job_id}")
 
 
 class JobCreated(BaseModel):
@@ -139,13 +147,19 @@ class Deleted(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    pretrained: str | None = Field(description="the weights the workers load (shared.pretrained's rule); null: random")
+    family: str | None = Field(None, description="coca | llava | blip (services.families); null when unknown here")
+    pretrained: str | None = Field(description="CoCa's weights the workers load (shared.pretrained's rule); null:"
+                                               " random, or a family whose weights come with the model")
+    prompt: str | None = Field(None, description="LLaVA's captioning prompt / BLIP's text prefix as set (LV_PROMPT);"
+                                                 " null: the family's default")
     note: str | None = Field(None, description="what a user should know about this model (e.g. the demo model's scope)")
     layers: int | None = Field(description="vision blocks (captionable layers); null when the config is unknown")
     max_seq_len: int | None = Field(description="longest caption the text tower allows, start token included")
     image_size: list[int] | None = Field(None, description="the vision tower's input height, width (px)")
     patch_size: list[int] | None = Field(None, description="its patches' height, width (px): the grid regions and"
                                                            " attributions are in")
+    extras: dict[str, str | None] = Field(default_factory=dict, description="contrastive | regions | attributions"
+                                          " -> null when the model has it, else why not")
 
 
 class Limits(BaseModel):
@@ -161,7 +175,6 @@ class TaxonomyOut(BaseModel):
     version: str
     colors: dict[str, str] = Field(description="merged class -> hex colour (as in figure.png)")
     merged_classes: dict[str, list[str]] = Field(description="merged class -> the raw labels it folds")
-    plot_names: dict[str, str]
 
 
 class LLMStatus(BaseModel):

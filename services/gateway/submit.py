@@ -12,10 +12,9 @@ import shutil
 from collections.abc import Iterator
 from itertools import islice
 
-from fastapi import HTTPException
-
 from latent_verbalizer.services.gateway.backends import unusable_reason
 from latent_verbalizer.services.gateway.deps import Gateway
+from latent_verbalizer.services.gateway.schemas import FieldError
 from latent_verbalizer.services.gateway.uploads import JobInput
 from latent_verbalizer.shared.images import ImageError, ImageItem, decode_image, iter_items
 from latent_verbalizer.shared.jobs import JobOptions
@@ -24,17 +23,17 @@ from latent_verbalizer.shared.queue import enqueue
 MAX_REASONS = 5
 
 
-def submit(gw: Gateway, job_id: str, inputs: list[JobInput], options: JobOptions) -> None:
-    """Raises HTTPException (422) when the inputs hold no usable image; the caller then drops the
-    job's files."""
+def submit(gw: Gateway, job_id: str, inputs: list[JobInput], options: JobOptions, field: str) -> None:
+    """Raises a 422 naming `field` (the request's part that held the inputs: files or shards) when the
+    inputs hold no usable image; the caller then drops the job's files."""
     try:
         total, chunks, errors = _write_chunks(gw, job_id, inputs)
     finally:
         shutil.rmtree(gw.store.job_dir(job_id) / "uploads", ignore_errors=True)
     if total == 0:
-        raise HTTPException(422, "no images found in the files sent (shards hold no .jpg/.png/.webp members)")
+        raise FieldError(422, f"no images found in the {field} sent (shards hold no .jpg/.png/.webp members)", field)
     if len(errors) == total:
-        raise HTTPException(422, "no usable image: " + "; ".join(errors[:MAX_REASONS]))
+        raise FieldError(422, "no usable image: " + "; ".join(errors[:MAX_REASONS]), field)
     gw.jobs.create(job_id, options, total, chunks)
     try:
         enqueue(gw.client, gw.settings, "encode", job_id, range(chunks))
@@ -46,7 +45,7 @@ def submit(gw: Gateway, job_id: str, inputs: list[JobInput], options: JobOptions
 def check_backend(gw: Gateway, options: JobOptions) -> None:
     """Refuse (422) a categorized job whose backend this server cannot serve (e.g. openai with no LLM server)."""
     if options.categorize and options.backend and (reason := unusable_reason(gw.settings, options.backend)):
-        raise HTTPException(422, f"bad options at backend: {reason}")
+        raise FieldError(422, f"bad options at backend: {reason}", "options.backend")
 
 
 def _write_chunks(gw: Gateway, job_id: str, inputs: list[JobInput]) -> tuple[int, int, list[str]]:

@@ -150,7 +150,7 @@ def _server_shard(raw: str, settings: Settings) -> JobInput:
     if not settings.data_roots:
         raise HTTPException(403, "shards on the server are disabled here (no data roots configured)")
     if "\0" in raw or not raw.strip():
-        raise HTTPException(422, f"bad shard path {raw!r}")
+        raise FieldError(422, f"bad shard path {raw!r}", "shards")
     roots = [Path(r).resolve() for r in settings.data_roots]
     candidates = [Path(raw)] if Path(raw).is_absolute() else [root / raw for root in roots]
     # resolve() follows `..` and every symlink: what counts is where the file really is.
@@ -165,7 +165,7 @@ def _server_shard(raw: str, settings: Settings) -> JobInput:
 
 def _fetch(url: str, settings: Settings, dest: Path) -> JobInput:
     if not url.startswith(("http://", "https://")):
-        raise HTTPException(422, f"unsupported shard URL {url!r}: only http(s) (for S3, a presigned URL)")
+        raise FieldError(422, f"unsupported shard URL {url!r}: only http(s) (for S3, a presigned URL)", "shards")
     if not settings.allow_url_shards:
         raise HTTPException(403, "shard URLs are disabled on this server")
     dest.mkdir(parents=True)
@@ -178,7 +178,7 @@ def _fetch(url: str, settings: Settings, dest: Path) -> JobInput:
                     raise HTTPException(413, f"shard {url} is larger than {settings.max_upload_bytes} bytes")
                 out.write(block)
     except httpx.HTTPError as e:
-        raise HTTPException(422, f"cannot download shard {url}: {e}") from e
+        raise FieldError(422, f"cannot download shard {url}: {e}", "shards") from e
     return _checked_tar(path, url)
 
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 from latent_verbalizer.services.categorizer.embedded.words import (
     ACTIONS,
-    AUXILIARIES,
     SEPARATOR,
     SPATIAL_EXPRESSIONS,
-    SPATIAL_PREPOSITIONS,
     Kind,
     Lexicon,
     kind,
     tokenize,
 )
 from latent_verbalizer.services.categorizer.models import MAX_LABELS
+from latent_verbalizer.shared.function_words import AUXILIARIES, SPATIAL_PREPOSITIONS
 from latent_verbalizer.shared.taxonomy import UNKNOWN
 
 PERSON = "person"

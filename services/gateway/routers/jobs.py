@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
+from latent_verbalizer.services.chain.cancel import cancel
 from latent_verbalizer.services.gateway.backends import usable_backends
 from latent_verbalizer.services.gateway.deps import Gateway, Job, gateway, require_succeeded
 from latent_verbalizer.services.gateway.schemas import (
@@ -32,7 +33,6 @@ from latent_verbalizer.services.gateway.uploads import (
 )
 from latent_verbalizer.shared.heartbeat import WorkerBeat, live_workers
 from latent_verbalizer.shared.jobs import ACTIVE, STAGE_COUNTER, STAGES, JobOptions, JobRecord, JobStatus, new_job_id
-from latent_verbalizer.shared.queue import cancel_queued
 from latent_verbalizer.shared.regions import RegionError, check_coverable
 from latent_verbalizer.shared.schemas import resolve_layers
 from latent_verbalizer.shared.taxonomy import load_taxonomy
@@ -69,15 +69,21 @@ _SUBMIT_BODY = {
     }
 }
 
-OUTPUTS = {  # output file -> (media type, needs categorization)
-    "results.jsonl": ("application/x-ndjson", False),
-    "summary.json": ("application/json", False),
-    "figure.png": ("image/png", True),
-    "entropy.png": ("image/png", False),
-    "distribution.csv": ("text/csv", True),
-    "grounding.png": ("image/png", False),  # grounding outputs: 404 when the job ran with grounding off
-    "grounding.csv": ("text/csv", False),
+OUTPUTS = {  # output file -> (media type, the option without which a job has none: a 404 that says so)
+    "results.jsonl": ("application/x-ndjson", None),
+    "captions.csv": ("text/csv", None),
+    "summary.json": ("application/json", None),
+    "figure.png": ("image/png", "categorize"),
+    "entropy.png": ("image/png", None),
+    "distribution.csv": ("text/csv", "categorize"),
+    "figure_supported.png": ("image/png", "categorize"),  # likelihood grounding's: 404 also when grounding was off
+    "distribution_supported.csv": ("text/csv", "categorize"),
+    "grounding.png": ("image/png", "grounding"),
+    "grounding.csv": ("text/csv", "grounding"),
+    "regions.csv": ("text/csv", "regions"),
 }
+WITHOUT = {"categorize": "the job ran with categorize off", "grounding": "the job ran with grounding off",
+           "regions": "the job asked for no regions"}
 
 
 def _file_doc(name: str) -> dict[int | str, dict]:
@@ -94,14 +100,15 @@ async def create_job(request: Request) -> JobCreated:
     try:
         if content_type.startswith("multipart/form-data"):
             inputs, options = await read_uploads(request, gw.settings, gw.store.scratch(job_id))
+            field = "files"
         elif content_type.startswith("application/json"):
             body = await _shard_request(request)
             inputs = await run_in_threadpool(resolve_shards, body.shards, gw.settings, gw.store.scratch(job_id))
-            options = body.options
+            options, field = body.options, "shards"
         else:
             raise HTTPException(415, "send multipart/form-data with `files`, or application/json with `shards`")
         options = _checked_options(options, gw)
-        await run_in_threadpool(submit, gw, job_id, inputs, options)
+        await run_in_threadpool(submit, gw, job_id, inputs, options, field)
     except BaseException:
         gw.store.delete_job(job_id)
         raise
@@ -125,6 +132,11 @@ def _checked_options(options: JobOptions, gw: Gateway) -> JobOptions:
     if max_len is not None and options.decode.seq_len > max_len:
         raise FieldError(422, f"bad options at decode.seq_len: {gw.model.name} allows at most {max_len}",
                          "options.decode.seq_len")
+    for wanted, extra, field in ((options.regions, "regions", "options.regions"),
+                                 (options.attributions, "attributions", "options.attributions")):
+        if wanted and (why := gw.model.extras.get(extra)):
+            raise FieldError(422, f"bad options at {field[8:]}: {gw.model.family} model {gw.model.name} has no"
+                                  f" {extra}: {why}", field)
     if options.regions and gw.model.image_size and gw.model.patch_size:
         try:
             check_coverable(options.regions, gw.model.image_size, gw.model.patch_size)
@@ -151,13 +163,13 @@ def get_job(request: Request, job: Job) -> JobOut:
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409),
-             summary="Cancel a queued or running job", description="The job stays, with status `cancelled`.")
+             summary="Cancel a queued or running job",
+             description="The job stays, with status `cancelled`; the images it captioned before stay readable at"
+                         " its results (partial, with header X-Partial-Results: true), its warnings saying how many.")
 def cancel_job(request: Request, job: Job) -> JobOut:
     gw = gateway(request)
-    if not (job.status in ACTIVE and gw.jobs.finish(job.id, JobStatus.cancelled)):
+    if not (job.status in ACTIVE and cancel(gw.chain, job)):
         raise HTTPException(409, "job has ended: nothing to cancel")
-    cancel_queued(gw.client, job.id, job.chunks)
-    gw.store.delete_job(job.id)
     return JobOut.of(gw.jobs.get(job.id) or job)
 
 
@@ -174,10 +186,15 @@ def delete_job(request: Request, job: Job) -> Deleted:
 
 
 @router.get("/jobs/{job_id}/results", summary="One JSON line per image: captions per layer (+ phrases)",
+            description="Once the job has succeeded; of a cancelled job, the images it captioned before the cancel"
+                        " (partial: header X-Partial-Results: true).",
             response_class=FileResponse, responses=_file_doc("results.jsonl"))
 def get_results(request: Request, job: Job) -> FileResponse:
-    return FileResponse(_output(request, job, "results.jsonl"), media_type=OUTPUTS["results.jsonl"][0],
-                        filename=f"{job.id}-results.jsonl", content_disposition_type="inline")
+    path = _output(request, job, "results.jsonl", partial_ok=True)
+    partial = job.status == JobStatus.cancelled
+    return FileResponse(path, media_type=OUTPUTS["results.jsonl"][0], content_disposition_type="inline",
+                        filename=f"{job.id}-{'partial-' if partial else ''}results.jsonl",
+                        headers={"X-Partial-Results": "true"} if partial else None)
 
 
 @router.get("/jobs/{job_id}/summary", summary="Per-layer distribution and entropy", response_class=FileResponse,
@@ -204,10 +221,35 @@ def get_distribution(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "distribution.csv")
 
 
+@router.get("/jobs/{job_id}/figure_supported.png", summary="Stacked-area figure of the classes the image supports",
+            response_class=FileResponse, responses=_file_doc("figure_supported.png"))
+def get_figure_supported(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "figure_supported.png")
+
+
+@router.get("/jobs/{job_id}/distribution_supported.csv",
+            summary="Mean percentage of class per layer, of the phrases the image supports (PMI > tau)",
+            response_class=FileResponse, responses=_file_doc("distribution_supported.csv"))
+def get_distribution_supported(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "distribution_supported.csv")
+
+
 @router.get("/jobs/{job_id}/grounding.png", summary="Grounding curves per layer (image score, R@1, prior share)",
             response_class=FileResponse, responses=_file_doc("grounding.png"))
 def get_grounding_figure(request: Request, job: Job) -> FileResponse:
     return _file(request, job, "grounding.png")
+
+
+@router.get("/jobs/{job_id}/captions.csv", summary="Every caption: one row per image (and region) and layer",
+            response_class=FileResponse, responses=_file_doc("captions.csv"))
+def get_caption_table(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "captions.csv")
+
+
+@router.get("/jobs/{job_id}/regions.csv", summary="Region captions: one row per region, image and layer",
+            response_class=FileResponse, responses=_file_doc("regions.csv"))
+def get_region_table(request: Request, job: Job) -> FileResponse:
+    return _file(request, job, "regions.csv")
 
 
 @router.get("/jobs/{job_id}/grounding.csv", summary="Grounding measures per layer", response_class=FileResponse,
@@ -217,14 +259,14 @@ def get_grounding_table(request: Request, job: Job) -> FileResponse:
 
 
 def _file(request: Request, job: JobRecord, name: str) -> FileResponse:
-    media_type, needs_labels = OUTPUTS[name]
-    if needs_labels and not job.options.categorize and job.status == JobStatus.succeeded:
-        raise HTTPException(404, f"no {name}: the job ran with categorize off")
+    media_type, option = OUTPUTS[name]
+    if option and not getattr(job.options, option) and job.status == JobStatus.succeeded:
+        raise HTTPException(404, f"no {name}: {WITHOUT[option]}")
     return FileResponse(_output(request, job, name), media_type=media_type)
 
 
-def _output(request: Request, job: JobRecord, name: str) -> Path:
-    require_succeeded(job)
+def _output(request: Request, job: JobRecord, name: str, partial_ok: bool = False) -> Path:
+    require_succeeded(job, partial_ok)
     path = gateway(request).store.output(job.id, name)
     if not path.is_file():
         raise HTTPException(404, f"no {name} (expired, deleted, or not made: see the job's warnings)")
@@ -245,7 +287,7 @@ def get_options(request: Request) -> OptionsOut:
         limits=Limits(max_upload_bytes=s.max_upload_bytes, max_files=s.max_files,
                       max_image_pixels=s.max_image_pixels, chunk_size=s.chunk_size),
         schema=JobOptions.model_json_schema(),
-        taxonomy=load_taxonomy().model_dump(include={"version", "colors", "merged_classes", "plot_names"}),
+        taxonomy=load_taxonomy().model_dump(include={"version", "colors", "merged_classes"}),
     )
 
 

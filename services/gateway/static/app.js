@@ -131,10 +131,13 @@ async function loadOptions() {
     state.taxonomy = taxonomyFrom(options);
     form.configure(options);
     const m = options.model;
-    const weights = !m.pretrained || m.pretrained === "none" ? "random weights" : m.pretrained;
+    // CoCa names its weights apart (pretrained); the other families' weights come with the model itself
+    const weights = m.pretrained && m.pretrained !== "none" ? ` · ${m.pretrained}`
+      : m.family === "coca" ? " · random weights" : "";
     clear(info).append(
       h("span", { class: "muted" }, "Model "), h("strong", {}, m.name),
-      ` · ${weights} · ${m.layers ?? "?"} layers`);
+      ` · ${m.family ?? "?"}${weights} · ${m.layers ?? "?"} layers`);
+    if (m.prompt) info.append(h("span", { class: "muted" }, ` · prompt “${m.prompt}”`));
     if (m.note) info.append(h("span", { class: "model-note" }, ` · ${m.note}`));
     if (submitError.dataset.source === "options") hideSubmitError();
   } catch (e) {

@@ -7,7 +7,7 @@ const DECODE_FIELDS = [
   "seq_len", "min_seq_len", "repetition_penalty", "temperature", "top_k", "top_p", "seed", "num_beams",
   "length_penalty",
 ];
-const NULLABLE = new Set(["top_k", "top_p"]);
+const NULLABLE = new Set(["top_k", "top_p", "min_seq_len"]);  // blank: null (min_seq_len: the model's default)
 
 export class SubmitForm {
   constructor(root) {
@@ -117,8 +117,8 @@ export class SubmitForm {
     const n = server.model && server.model.layers;
     this.layers.placeholder = n ? `all ${n} (0–${n - 1})` : "all";
     $("#hint-layers", this.root).textContent = n
-      ? `Blank for every layer. Numbers 0–${n - 1}, ranges and negatives from the end: “0-3, 8, -1”.`
-      : "Blank for every layer; e.g. “0-3, 8, -1”.";
+      ? `Blank for every layer. Numbers 0–${n - 1}, ranges and negatives from the end: “${layersExample(n)}”.`
+      : `Blank for every layer; e.g. “${layersExample(null)}”.`;
     this.fill(server.defaults);
   }
 
@@ -223,6 +223,17 @@ export class SubmitForm {
     this.fileInput.value = "";
     this.showFiles();
   }
+}
+
+/** An example of the layers syntax that is valid on a model of n layers (a range, a number, a negative
+ * from the end, as n allows); n unknown: one for a 12-layer model. */
+export function layersExample(n) {
+  if (!n) return "0-3, 8, -1";
+  if (n >= 5) {
+    const half = Math.floor(n / 2);
+    return `0-${half - 1}, ${half + 1}, -1`;
+  }
+  return { 1: "0", 2: "0, -1", 3: "0, -1", 4: "0-1, -1" }[n];
 }
 
 /** "0-3, 8, -1" -> {layers: [0, 1, 2, 3, 8, -1]}; blank or "all" -> {layers: null}; else {error}. */

@@ -172,13 +172,13 @@ export class JobView {
         ...stages.map((s) =>
           h(
             "div",
-            { class: "stage", dataset: { stage: s.key } },
+            { class: "job-stage", dataset: { stage: s.key } },
             h(
               "div",
-              { class: "stage-line" },
-              h("span", { id: `stage-${s.key}-label`, class: "stage-name" }, s.label),
-              h("span", { class: "stage-count" }),
-              h("span", { class: "stage-time muted" }),
+              { class: "job-stage-line" },
+              h("span", { id: `stage-${s.key}-label`, class: "job-stage-name" }, s.label),
+              h("span", { class: "job-stage-count" }),
+              h("span", { class: "job-stage-time muted" }),
             ),
             h("progress", { id: `stage-${s.key}`, max: 1, value: 0, "aria-labelledby": `stage-${s.key}-label` }),
           ),
@@ -192,9 +192,9 @@ export class JobView {
       bar.max = Math.max(1, p.total);
       bar.value = done;
       bar.setAttribute("aria-valuetext", `${done} of ${p.total} images`);
-      el.querySelector(".stage-count").textContent = `${done} / ${p.total}`;
+      el.querySelector(".job-stage-count").textContent = `${done} / ${p.total}`;
       const seconds = job.timings.stage_seconds[s.stage];
-      el.querySelector(".stage-time").textContent = seconds !== undefined ? `${formatDuration(seconds)} work` : "";
+      el.querySelector(".job-stage-time").textContent = seconds !== undefined ? `${formatDuration(seconds)} work` : "";
       el.classList.toggle("done", p.total > 0 && done >= p.total);
     }
   }

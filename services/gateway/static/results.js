@@ -76,12 +76,18 @@ export class ResultsView {
     const { job, summary, palette } = this.state;
     const links = job.links;
     const categorized = job.options.categorize;
+    const supported = categorized && Boolean(summary && summary.supported); // likelihood grounding's chart
     const short = job.id.slice(0, 8);
     const downloads = [
       { href: links.results, name: `${short}-results.jsonl`, label: "Results", kind: ".jsonl" },
+      { href: links.captions, name: `${short}-captions.csv`, label: "Captions table", kind: ".csv" },
       { href: links.summary, name: `${short}-summary.json`, label: "Summary", kind: ".json" },
       categorized && { href: links.distribution, name: `${short}-distribution.csv`, label: "Distribution", kind: ".csv" },
       categorized && { href: links.figure, name: `${short}-figure.png`, label: "Class figure", kind: ".png" },
+      supported && { href: links.distribution_supported, name: `${short}-distribution_supported.csv`,
+        label: "Supported distribution", kind: ".csv" },
+      supported && { href: links.figure_supported, name: `${short}-figure_supported.png`, label: "Supported figure",
+        kind: ".png" },
       { href: links.entropy, name: `${short}-entropy.png`, label: "Entropy figure", kind: ".png" },
       ...groundingDownloads(job, summary, short),
     ].filter(Boolean);
@@ -107,6 +113,11 @@ export class ResultsView {
         categorized && this.figure(links.figure, "figure-img", "Mean percentage of each class per layer",
           "Stacked area chart: for each encoder layer, the mean share of caption phrases whose main label falls in each class.",
           this.legend(summary, palette)),
+        supported && this.figure(links.figure_supported, "figure-supported-img",
+          "What the image supports, per layer",
+          "Stacked area chart: for each encoder layer, the mean share of caption phrases that the image supports " +
+          "(their likelihood under the image exceeds that under a blank gray image by more than tau) in each class; " +
+          "the hatched gray rest is what the decoder says without the image.", null),
         this.figure(links.entropy, "entropy-img", "Mean caption entropy per layer",
           "Line chart: mean token entropy in bits of the captions of each encoder layer.", null),
         summary && summary.grounding
@@ -146,6 +157,7 @@ export class ResultsView {
 
   layerTable(summary, palette) {
     const categorized = summary.layers.some((l) => l.top_classes);
+    const supported = Boolean(summary.supported);
     const rows = summary.layers.map((l) =>
       h("tr", {},
         h("th", { scope: "row" }, String(l.layer)),
@@ -157,7 +169,9 @@ export class ResultsView {
                 .filter(([, pct]) => pct > 0)
                 .map(([cls, pct]) => h("span", { class: "top-class" }, palette.known ? swatch(palette.color(cls)) : null,
                   `${palette.name(cls)} ${pct.toFixed(1)}%`)))
-          : null));
+          : null,
+        supported ? h("td", { class: "num" }, Number.isFinite(l.supported_share)
+          ? `${(l.supported_share * 100).toFixed(0)}%` : "–") : null));
     return h("details", { class: "layer-table" },
       h("summary", {}, "Per-layer numbers (the figures as a table)"),
       h("div", { class: "table-scroll" },
@@ -166,7 +180,9 @@ export class ResultsView {
             h("th", { scope: "col" }, "Layer"),
             h("th", { scope: "col", class: "num" }, "Captions"),
             h("th", { scope: "col", class: "num" }, "Mean entropy (bits)"),
-            categorized ? h("th", { scope: "col" }, "Top classes (mean % of phrases)") : null)),
+            categorized ? h("th", { scope: "col" }, "Top classes (mean % of phrases)") : null,
+            supported ? h("th", { scope: "col", class: "num", title: "Share of phrases whose PMI exceeds tau" },
+              "Phrases the image supports") : null)),
           h("tbody", {}, rows))));
   }
 
@@ -419,7 +435,8 @@ export class ResultsView {
         h("th", { scope: "row", class: "layer-num" }, String(l.layer)),
         h("td", { class: "caption-cell" },
           l.caption && heat ? hoverCaption(l, heat)
-            : h("p", { class: "caption" }, l.caption || h("span", { class: "muted" }, "(empty caption)")),
+            : l.caption && l.word_pmi ? pmiCaption(l)
+              : h("p", { class: "caption" }, l.caption || h("span", { class: "muted" }, "(empty caption)")),
           groundingMark(l),
           categorized ? this.chips(l, palette) : null),
         h("td", { class: "entropy-cell" },
@@ -449,7 +466,10 @@ export class ResultsView {
         const cls = palette.classOf(main);
         const bg = palette.color(cls);
         const labels = (p.labels || []).join(", ");
-        return h("li", { class: "chip", title: `${p.text}: ${palette.name(cls)} (labels: ${labels})`,
+        const grounded = Number.isFinite(p.pmi)
+          ? ` · PMI ${p.pmi.toFixed(2)}: ${p.supported ? "supported by the image" : "not supported by the image"}` : "";
+        return h("li", { class: p.supported === false ? "chip unsupported" : "chip",
+          title: `${p.text}: ${palette.name(cls)} (labels: ${labels})${grounded}`,
           style: { "--chip-bg": bg, "--chip-fg": textOn(bg) }, dataset: { class: cls, label: main } },
           h("span", { class: "chip-text" }, p.text),
           h("span", { class: "chip-class" }, h("span", { class: "visually-hidden" }, ": "), palette.name(cls)));
@@ -459,8 +479,23 @@ export class ResultsView {
 
 // ---- word heatmaps: a caption whose words show their map over the picture ----
 
+/** A caption word's likelihood grounding, for its tooltip ("" without one). */
+function wordTitle(layer, i) {
+  const v = (layer.word_pmi || [])[i];
+  return Number.isFinite(v) ? `PMI ${v.toFixed(2)}: the image made this word ${Math.exp(v) >= 100 ? "over 100" :
+    Math.exp(v).toFixed(1)} times as likely as a blank gray image did` : "";
+}
+
+/** A caption whose words show their PMI on hover (a job without word maps). */
+function pmiCaption(layer) {
+  const words = captionWords(layer.caption).map((word, i) =>
+    h("span", { class: "word", title: wordTitle(layer, i) || null }, word));
+  return h("p", { class: "caption" }, words.flatMap((w, i) => (i ? [" ", w] : [w])));
+}
+
 function hoverCaption(layer, heat) {
-  const words = captionWords(layer.caption).map((word, i) => h("span", { class: "word", dataset: { word: i } }, word));
+  const words = captionWords(layer.caption).map((word, i) => h("span", { class: "word", dataset: { word: i },
+    title: wordTitle(layer, i) || null }, word));
   const p = h("p", { class: "caption has-maps", tabindex: "0",
     title: "Hover a word (or focus the caption and use ← →) to see the patches it was read from" },
   words.flatMap((w, i) => (i ? [" ", w] : [w])));

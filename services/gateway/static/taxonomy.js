@@ -6,11 +6,10 @@ export const UNKNOWN = "UNKNOWN";
 const NEUTRAL = "#d0d5dd";
 
 export class Palette {
-  /** taxonomy: {colors: {class: hex}, merged_classes?: {class: [raw]}, plot_names?: {class: name}} | null */
+  /** taxonomy: {colors: {class: hex}, merged_classes?: {class: [raw]}} | null */
   constructor(taxonomy) {
     this.known = Boolean(taxonomy && taxonomy.colors);
     this.colors = (taxonomy && taxonomy.colors) || {};
-    this.names = (taxonomy && taxonomy.plot_names) || {};
     this.fold = new Map();
     const merged = (taxonomy && taxonomy.merged_classes) || {};
     for (const [cls, raws] of Object.entries(merged)) {
@@ -32,8 +31,9 @@ export class Palette {
     return this.colors[cls] || NEUTRAL;
   }
 
+  /** A class's name: the class itself, as distribution.csv, figure.png and the results name it. */
   name(cls) {
-    return this.names[cls] || cls;
+    return cls;
   }
 }
 
@@ -43,7 +43,7 @@ export function taxonomyFrom(...sources) {
     if (!source) continue;
     if (source.taxonomy && source.taxonomy.colors) return source.taxonomy;
     if (source.colors && typeof source.colors === "object") {
-      return { colors: source.colors, merged_classes: source.merged_classes, plot_names: source.plot_names };
+      return { colors: source.colors, merged_classes: source.merged_classes };
     }
   }
   return null;
