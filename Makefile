@@ -41,9 +41,9 @@ test: venv-dev system-deps lint
 demo: venv
 	$(BIN)/latent-verbalizer demo --out runs/demo --overwrite
 
-# Re-resolve every dependency (base + dev + deploy extras) from the package index into constraints.txt, for
-# Python 3.11+ on any platform. uv reads no pip.conf: behind a mirror set UV_DEFAULT_INDEX (and SSL_CERT_FILE).
-# Review the diff, then `make test` installs the new pins.
+# Re-resolve every dependency (base + the dev, deploy and notebook extras) from the package index into
+# constraints.txt, for Python 3.11+ on any platform. uv reads no pip.conf: behind a mirror set UV_DEFAULT_INDEX (and
+# SSL_CERT_FILE). Review the diff, then `make test` installs the new pins.
 lock: | $(BIN)/python
 	$(BIN)/pip install -q uv==$(UV_VERSION)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra deploy --extra notebook --universal --python-version 3.11 \
