@@ -184,7 +184,7 @@ def test_uploaded_image_gets_a_layer_ladder_with_chips_and_figures(page, stack, 
     lines = Path(download.value.path()).read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["meadow"]
     with page.expect_download() as download:
-        links.filter(has_text="Distribution").click()
+        page.locator('.downloads a[download$="-distribution.csv"]').click()
     assert Path(download.value.path()).read_text().startswith("layer,")
 
     page.mouse.move(0, 0)

@@ -170,6 +170,7 @@ class BlipFamily(Family):
         ONE decoder forward of [prefix, tokens] per batch, right-padded (causal: padding cannot reach earlier
         positions); the vocabulary projection then goes a few rows at a time (R x S x V floats can be GBs)."""
         R, P, longest = len(tokens), len(self.prefix), max(map(len, tokens), default=0)
+        rows = rows.expand(R, -1, -1) if rows.shape[0] == 1 else rows  # [1, N, D]: every caption reads that row
         ids = torch.full((R, P + longest), self.pad_id, dtype=torch.long, device=self.device)
         targets = torch.full((R, longest + 1), self.pad_id, dtype=torch.long, device=self.device)
         ids[:, :P] = self.prefix.to(self.device)

@@ -157,7 +157,8 @@ class LlavaFamily(Family):
         """rows [R, N, D], tokens R lists -> per row the log-probabilities [len + 1] float32 of its tokens and then
         of the end token, teacher-forced: one forward over prompt + tokens for all R rows (right-padded; the
         causal mask keeps the padding out of every position that is read)."""
-        R, T = rows.shape[0], max(map(len, tokens), default=0)
+        R, T = len(tokens), max(map(len, tokens), default=0)
+        rows = rows.expand(R, -1, -1) if rows.shape[0] == 1 else rows  # [1, N, D]: every caption reads that row
         ids = torch.full((R, T), self.end_id, dtype=torch.long)
         for r, t in enumerate(tokens):
             ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
