@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The COCO photo of the reference data, ../shared/seed beside the checkout (or beside the worktrees' folder).
 SEED = next((p / "shared" / "seed" for p in ROOT.parents if (p / "shared" / "seed").is_dir()),
             ROOT.parent / "shared" / "seed")
-SEED_PHOTO = SEED / "COCO_val2014_000000560744.jpg"
+SEED_PHOTO = next(iter(sorted(SEED.glob("*.jpg"))), SEED / "photo.jpg")  # its one real photo
 PROJECT = "lv-smoke"
 TAG = "smoke"
 BASE_IMAGES = ("python:3.11-slim-bookworm", "redis:7.4-alpine")
