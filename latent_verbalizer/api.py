@@ -41,7 +41,7 @@ from latent_verbalizer.services.cli.common import open_model, parse_layers
 from latent_verbalizer.services.cli.outputs import check_out, staged_run
 from latent_verbalizer.services.cli.verbalize import write_run
 from latent_verbalizer.services.families import Family
-from latent_verbalizer.shared.grounding import Grounding, layer_grounding, plot_grounding, read_results, write_grounding
+from latent_verbalizer.shared.grounding import Grounding, layer_grounding, read_results, write_grounding
 from latent_verbalizer.shared.images import DEFAULT_MAX_PIXELS, ImageItem, check_inputs, iter_items
 from latent_verbalizer.shared.regions import Region, parse_regions
 from latent_verbalizer.shared.schemas import DecodeParams, ImageResult, resolve_layers
@@ -141,6 +141,14 @@ def _as_pil(image: Any) -> Image.Image:
     raise TypeError(f"not an image: {type(image).__name__} (give a path, a PIL image, an array or a tensor)")
 
 
+def _pandas():
+    try:
+        import pandas
+    except ImportError as e:
+        raise ImportError("to_pandas needs pandas: pip install 'latent-verbalizer[notebook]'") from e
+    return pandas
+
+
 class Run:
     """One run's files (those `verbalize` writes) and their contents. A run from `Model.verbalize` lives in a
     temporary folder until `save`; `Run(path)` opens a folder the command wrote."""
@@ -172,11 +180,7 @@ class Run:
     def to_pandas(self):
         """A DataFrame with one row per image x layer (and region x layer): id, source, region, layer, caption,
         mean_entropy and every grounding column (shared.tables, as captions.csv)."""
-        try:
-            import pandas as pd
-        except ImportError as e:
-            raise ImportError("to_pandas needs pandas: pip install 'latent-verbalizer[notebook]'") from e
-        return pd.DataFrame(list(caption_rows(self.results)))
+        return _pandas().DataFrame(list(caption_rows(self.results)))
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """Put the run's files in `out`, as `verbalize --out out` would (a folder holding another run needs
@@ -232,16 +236,9 @@ class Report:
         """The class distribution's stacked areas over layers (figure.png) as a matplotlib Figure."""
         return class_figure(self.analysis)
 
-    def grounding_figure(self, path: str | Path):
-        """grounding.png (the grounding curves) written to `path`."""
-        if self.grounding is None:
-            raise ValueError("this run has no grounding measures (verbalize with grounding=True)")
-        return plot_grounding(self.grounding, Path(path))
-
     def to_pandas(self):
         """The class distribution (distribution.csv): rows layers, columns merged classes, mean percentages."""
-        import pandas as pd
-
+        pd = _pandas()
         return pd.DataFrame(self.analysis.percent, index=pd.Index(self.analysis.layers, name="layer"),
                             columns=self.analysis.classes)
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # No model hub in tests: an open_clip tag must fail fast with our error, never try the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,3 +44,15 @@ def trained_like() -> Family:
             if name.endswith("bias"):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return lm
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    """A folder of three small PNGs (p0, p1, p2): a user's input folder for the commands' tests."""
+    from service_stack import image_bytes
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(3):
+        (d / f"p{i}.png").write_bytes(image_bytes(i))
+    return d

@@ -17,37 +17,20 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from service_stack import TINY, free_port, image_bytes
+from service_stack import TINY, free_port
+from test_cli_outputs import FAST, status
 
 from latent_verbalizer.services.cli import main
 from latent_verbalizer.services.cli.common import parse_layers
 from latent_verbalizer.shared.models import load_model, save_checkpoint
 
-FAST = [*TINY, "--seq-len", "6", "--layers", "0,3"]
 NO_TINY_DEVICE = [a for a in FAST if a not in ("--device", "cpu")]
 STATIC = Path(__file__).parents[1] / "services" / "gateway" / "static"
-
-
-def status(argv: list[str]) -> int:
-    """The command's exit status, whether it returns it or argparse exits with it."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
 
 
 def cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "latent_verbalizer.services.cli", *args], capture_output=True,
                           text=True, timeout=600, env={**os.environ, **(env or {})}, **kw)
-
-
-@pytest.fixture()
-def photos(tmp_path) -> Path:
-    d = tmp_path / "photos"
-    d.mkdir()
-    for i in range(3):
-        (d / f"p{i}.png").write_bytes(image_bytes(i))
-    return d
 
 
 # --- 3. devices ---

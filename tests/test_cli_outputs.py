@@ -36,15 +36,6 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture()
-def photos(tmp_path) -> Path:
-    d = tmp_path / "photos"
-    d.mkdir()
-    for i in range(3):
-        (d / f"p{i}.png").write_bytes(image_bytes(i))
-    return d
-
-
-@pytest.fixture()
 def first_run(photos, tmp_path) -> tuple[Path, dict[str, bytes]]:
     """A good run with regions, features and attributions: every kind of file a run writes."""
     out = tmp_path / "runs" / "keep"

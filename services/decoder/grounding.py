@@ -200,9 +200,6 @@ class RunEmbeddings:
             self._image.append(image.detach().to("cpu", torch.float16))
         self.null_captions = null_captions
 
-    def add_grounded(self, ids: list[str], grounded: Grounded) -> None:
-        self.add(ids, grounded.text_embeddings, grounded.image_embeddings, grounded.null_captions)
-
     def ranks(self, gallery: int) -> dict[str, tuple[list[int], int]]:
         """{image id: (rank per layer, gallery size)}; empty for fewer than two images or no embeddings."""
         if len(self.ids) < 2 or not self._text:

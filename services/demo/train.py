@@ -220,21 +220,29 @@ def train(cfg: TrainConfig, out: Path) -> Path:
 
 def plot_losses(log_path: Path, png: Path) -> None:
     """Loss curves (total, caption, contrastive) and held-out caption accuracy from a training log."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    losses = [r for r in rows[1:] if "loss" in r]
+    curves = {key: ([r["step"] for r in losses], [r[key] for r in losses])
+              for key in ("loss", "caption_loss", "contrastive_loss")}
+    cfg = rows[0]["config"]
+    plot_training(rows, curves, "weighted loss", f"{DEMO_MODEL}: open_clip CoCaLoss, seed {cfg['seed']}", png)
+
+
+def plot_training(rows: list[dict], curves: dict[str, tuple[list, list]], ylabel: str, title: str, png: Path) -> None:
+    """A training log's loss curves (label -> (steps, values), log scale) with the held-out colour+shape
+    accuracy (its rows with `eval_color_shape`) on a second axis; `rows[0]["config"]` names the batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    cfg = rows[0]["config"]
-    losses = [r for r in rows[1:] if "loss" in r]
     evals = [r for r in rows[1:] if "eval_color_shape" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "caption_loss", "contrastive_loss"):
-        ax.plot([r["step"] for r in losses], [r[key] for r in losses], label=key)
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, values, label=label)
     ax.set_yscale("log")
-    ax.set_xlabel(f"step (batch {cfg['batch_size']})")
-    ax.set_ylabel("weighted loss")
+    ax.set_xlabel(f"step (batch {rows[0]['config']['batch_size']})")
+    ax.set_ylabel(ylabel)
     acc = ax.twinx()
     acc.plot([r["step"] for r in evals], [r["eval_color_shape"] for r in evals], "k.--",
              label="held-out colour+shape accuracy")
@@ -242,7 +250,7 @@ def plot_losses(log_path: Path, png: Path) -> None:
     acc.set_ylabel("accuracy")
     handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="center right", fontsize=8)
-    ax.set_title(f"{DEMO_MODEL}: open_clip CoCaLoss, seed {cfg['seed']}")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -40,6 +40,7 @@ from latent_verbalizer.services.demo.llava_model import (
 )
 from latent_verbalizer.services.demo.scoring import score
 from latent_verbalizer.services.demo.synth import Scene, scenes
+from latent_verbalizer.services.demo.train import plot_training
 from latent_verbalizer.services.families.llava import chat_prompt
 from latent_verbalizer.shared.models import load_model
 from latent_verbalizer.shared.settings import DEMO_MODEL, DEMO_PRETRAINED, LLAVA_DEMO_MODEL
@@ -256,29 +257,10 @@ def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, target
 
 def plot_losses(log_path: Path, png: Path) -> None:
     """The answer loss of each stage and the held-out colour+shape accuracy from a training log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    cfg = rows[0]["config"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    curves = {}
     for stage in STAGES:
         losses = [r for r in rows[1:] if r.get("stage") == stage and "loss" in r]
-        ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], label=f"{stage} loss")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"step (batch {cfg['batch_size']})")
-    ax.set_ylabel("cross-entropy of the answer (nats/token)")
-    evals = [r for r in rows[1:] if "eval_color_shape" in r]
-    acc = ax.twinx()
-    acc.plot([r["step"] for r in evals], [r["eval_color_shape"] for r in evals], "k.--",
-             label="held-out colour+shape accuracy")
-    acc.set_ylim(0, 1)
-    acc.set_ylabel("accuracy")
-    handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="center right", fontsize=8)
-    ax.set_title(f"{LLAVA_DEMO_MODEL}: language, projector, finetune; seed {cfg['seed']}")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+        curves[f"{stage} loss"] = ([r["step"] for r in losses], [r["loss"] for r in losses])
+    plot_training(rows, curves, "cross-entropy of the answer (nats/token)",
+                  f"{LLAVA_DEMO_MODEL}: language, projector, finetune; seed {rows[0]['config']['seed']}", png)

@@ -222,3 +222,16 @@ class Family(ABC):
     @abstractmethod
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each generated id's own text, in order (word grouping: attributions, PMI words)."""
+
+
+def piece_texts(decode: Callable[[list[int]], str], decode_one: Callable[[list[int]], str],
+                ids: list[int]) -> list[str]:
+    """Each generated id's text as it appears in the decoded caption, for a subword tokenizer whose pieces
+    only read right in context (a word's first piece carries its space, a continuation none): the growth of
+    decode(ids[:k + 1]) over decode(ids[:k]); decode_one([id]) where a piece rewrites what came before."""
+    texts, before = [], ""
+    for k in range(len(ids)):
+        upto = decode(ids[: k + 1])
+        texts.append(upto[len(before):] if upto.startswith(before) else decode_one(ids[k : k + 1]))
+        before = upto
+    return texts

@@ -39,7 +39,7 @@ from torch import nn
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from latent_verbalizer.services.encoder.regions import Placement
-from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper
+from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper, piece_texts
 from latent_verbalizer.services.families.naming import MISSING
 from latent_verbalizer.shared.models import DTYPES, resolve_device
 
@@ -190,12 +190,7 @@ class BlipFamily(Family):
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's text as it appears in the decoded caption (they join to `decode_text`): a word's first
         piece with the space before it, a WordPiece continuation ('##s') without."""
-        texts, before = [], ""
-        for k in range(len(ids)):
-            upto = self.decode_text(ids[: k + 1])
-            texts.append(upto[len(before):] if upto.startswith(before) else self.tokenizer.decode(ids[k : k + 1]))
-            before = upto
-        return texts
+        return piece_texts(self.decode_text, self.tokenizer.decode, ids)
 
 
 def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

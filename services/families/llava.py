@@ -41,7 +41,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForConditionalGeneration
 
 from latent_verbalizer.services.encoder.regions import Placement
-from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper
+from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper, piece_texts
 from latent_verbalizer.services.families.naming import MISSING
 from latent_verbalizer.shared.models import DTYPES, resolve_device
 from latent_verbalizer.shared.settings import get_settings
@@ -178,12 +178,8 @@ class LlavaFamily(Family):
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's text as it appears in the decoded caption (leading space kept), for word grouping."""
-        texts, before = [], ""
-        for k in range(len(ids)):
-            upto = self.tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
-            texts.append(upto[len(before):] if upto.startswith(before) else self.tokenizer.decode(ids[k : k + 1]))
-            before = upto
-        return texts
+        return piece_texts(lambda prefix: self.tokenizer.decode(prefix, skip_special_tokens=True),
+                           self.tokenizer.decode, ids)
 
     # --- shared by the stepper and score ---
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
