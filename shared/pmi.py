@@ -6,9 +6,10 @@ A token's PMI is ln p(token | prefix, this image) - ln p(token | prefix, gray nu
 caption's layer: how much more likely the image made that token than the decoder's prior did. 0 means
 the image changed nothing (the decoder would say it anyway); a supported token clears TAU.
 
-Words. A caption's words are its whitespace-separated words; its BPE tokens group into them as the
-viewer's word maps group them (services/gateway/static/words.js): a word is the run of tokens up to one
-whose text ends with whitespace (CLIP's "</w>"), the i-th run the i-th word. A word's PMI is the mean of
+Words. A caption's words are its whitespace-separated words; its tokens group into them as the viewer's
+word maps group them (services/gateway/static/words.js): a word is a run of tokens that whitespace does
+not cut (CLIP's tokens end a word with "</w>", Llama's and BERT's begin one with a space), the i-th run
+the i-th word. A word's PMI is the mean of
 its tokens' PMIs (a word split into many BPE pieces weighs as one word); a content word is a word that
 is not a function word (shared.function_words) and has a letter or digit.
 
@@ -39,16 +40,16 @@ def caption_words(caption: str) -> list[str]:
 
 
 def word_runs(token_texts: Sequence[str], caption: str) -> list[list[int]] | None:
-    """Each token's text (decoded alone) -> the token positions of each of `caption`'s words, or None when
-    the runs and the caption's words differ in number. Runs of blank tokens only are no word."""
+    """Each token's text as it appears in the caption -> the token positions of each of `caption`'s words, or
+    None when the runs and the caption's words differ in number. A new word starts after a token whose text
+    ends with whitespace (CLIP's "</w>") or at one whose text starts with it (the leading space of Llama's and
+    BERT's pieces); runs of blank tokens only are no word."""
     runs: list[list[int]] = []
-    run: list[int] = []
     for i, text in enumerate(token_texts):
-        run.append(i)
-        if text[-1:].isspace() or i == len(token_texts) - 1:
-            if any(token_texts[p].strip() for p in run):
-                runs.append(run)
-            run = []
+        if not runs or token_texts[i - 1][-1:].isspace() or text[:1].isspace():
+            runs.append([])
+        runs[-1].append(i)
+    runs = [run for run in runs if any(token_texts[p].strip() for p in run)]
     return runs if len(runs) == len(caption_words(caption)) else None
 
 

@@ -275,8 +275,9 @@ def test_verbalize_captions_every_layer_as_the_model_does(blip_dir, images, tmp_
         assert [c["layer"] for c in r["layers"]] == [0, 1, 2, 3]
         assert [c["tokens"] for c in r["layers"]] == [blip.reference_tokens(family, im, j, SEQ_LEN - 1)
                                                        for j in range(4)]
-        for c in r["layers"]:  # grounding without a contrastive head: prior and last-layer similarity only
+        for c in r["layers"]:  # grounding without a contrastive head: prior, last-layer similarity and PMI
             assert "image_score" not in c and "retrieval_rank" not in c and "last_layer_similarity" in c
+            assert len(c["pmi"]) == len(c["tokens"]) and len(c["word_pmi"]) == len(c["caption"].split())
         (region,) = r["regions"]
         assert region["patches"] == 3
         latents = family.encode(family.preprocess(im)[None], [0, 1, 2, 3]).latents[:, 0]  # [L, T, C]

@@ -125,6 +125,8 @@ def test_words_group_tokens_as_the_viewer_does(tiny):
     runs = pmi.word_runs(texts, shown)
     assert [[texts[p] for p in run] for run in runs][8:] == [["gray", "ish "], ["backgrounds "]]
     assert pmi.word_runs(texts, caption) is None  # 6 words shown, 10 runs: no word gets a wrong value
+    leading = ["a", " blue", "-", "ish", " ", " square", "!!"]  # Llama's / BERT's pieces: a space starts a word
+    assert pmi.word_runs(leading, "a blue-ish square!!") == [[0], [1, 2, 3], [5, 6]]
     assert pmi.word_pmi([1.0, 2.0, 4.0], [[0], [1, 2]]) == [1.0, 3.0]
 
 

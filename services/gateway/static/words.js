@@ -1,14 +1,14 @@
 // Captions as words, and the token positions each word came from (for its word -> patch map).
 //
-// A caption is BPE tokens; the attribution maps have one row per token, and the API gives each
-// token's text as the tokenizer decodes it alone. CLIP's tokenizer ends a word's last token with
-// "</w>", decoded as a space, and it splits text into words at whitespace before encoding, so no
-// token spans two words. A word is therefore the run of tokens up to one whose text ends with a
-// space, and the caption's i-th whitespace-separated word is the i-th run. (The runs are matched
-// by position, not spelling: a character whose bytes span two tokens decodes as "�" token by
-// token but whole in the caption.) A word's map is the mean of its tokens' maps, which sums to 1
-// as each of them does. When the runs and the caption's words differ in number, no word gets a
-// map rather than a wrong one.
+// A caption is tokens; the attribution maps have one row per token, and the API gives each token's
+// text as it appears in the caption. No token spans two words: CLIP's tokenizer splits text into
+// words at whitespace before encoding and ends a word's last token with "</w>" (a trailing space);
+// Llama's and BERT's pieces begin a word with a leading space. A word is therefore a run of tokens
+// that whitespace does not cut, and the caption's i-th whitespace-separated word is the i-th run.
+// (The runs are matched by position, not spelling: a character whose bytes span two tokens decodes
+// as "�" token by token but whole in the caption.) A word's map is the mean of its tokens' maps,
+// which sums to 1 as each of them does. When the runs and the caption's words differ in number, no
+// word gets a map rather than a wrong one. shared/pmi.py's word_runs groups them the same way.
 
 /** "a red  circle" -> ["a", "red", "circle"]: the words a caption is shown as. */
 export function captionWords(caption) {
@@ -18,15 +18,12 @@ export function captionWords(caption) {
 /** Token texts -> the token positions of each of `caption`'s words, or null when they do not match. */
 export function wordPositions(tokens, caption) {
   const runs = [];
-  let run = [];
   tokens.forEach((token, i) => {
-    run.push(i);
-    if (/\s$/.test(token) || i === tokens.length - 1) {
-      if (run.some((p) => tokens[p].trim())) runs.push(run);
-      run = [];
-    }
+    if (!runs.length || /\s$/.test(tokens[i - 1]) || /^\s/.test(token)) runs.push([]);
+    runs[runs.length - 1].push(i);
   });
-  return runs.length === captionWords(caption).length ? runs : null;
+  const words = runs.filter((run) => run.some((p) => tokens[p].trim()));
+  return words.length === captionWords(caption).length ? words : null;
 }
 
 /** The mean of rows `positions` of `maps` (each a flat gh*gw array). */
