@@ -3,7 +3,7 @@ the image from those the decoder says anyway? Measured on the shipped demo model
 where every object's colour and shape is known (issue 22).
 
     python bench/phrase_grounding_eval.py --n 200 --seed 2026 --json
-    python bench/phrase_grounding_eval.py --tune 11 12 --n 100      # how TAU was chosen (not on --seed)
+    python bench/phrase_grounding_eval.py --tune 12 13 --n 100      # how TAU was chosen (not on --seed)
 
 Captions every encoder layer of N fresh scenes with grounding on, labels the captions' phrases with the
 embedded labeler and gives each phrase its PMI (shared/pmi.py), then prints
@@ -18,6 +18,7 @@ embedded labeler and gives each phrase its PMI (shared/pmi.py), then prints
   spearman_supported_vs_true across layers: rank correlation of supported_share with true_share
   contrastive                the same AUCs with the contrastive null instead of the gray image: each caption
                              scored under K other scenes' latents at its layer, the null likelihood their mean
+  untempered                 the same AUCs of the gray null's PMI at temperature 1, not pmi.TEMPERATURE
   likelihood                 the same AUCs of ln p(token | prefix, image) alone (no null): what the null adds
   overhead                   what PMI adds to verbalize's wall time: coca_ViT-B-32, random weights, 8 images,
                              every layer, --threads threads, grounding on; the seconds spent in PMI (the null
@@ -144,29 +145,36 @@ def best_tau(phrases: list[tuple[float, bool]]) -> float:
 
 
 def other_nulls(lm: Family, results: list[ImageResult], seed: int) -> dict[str, list[ImageResult]]:
-    """The results with their PMI fields against other nulls, the image side teacher-forced under the caption's
+    """The results with their PMI fields from other scores, the image side teacher-forced under the caption's
     own latents (equal to decoding's: tests/test_pmi.py):
-      contrastive  ln p_null(token) = ln mean_k p(token | prefix, scene i+k's latents at the caption's layer),
+      contrastive  ln p_null(token) = ln mean_k p_T(token | prefix, scene i+k's latents at the caption's layer),
                    k = 1..K (the run's next K scenes, cyclically): the mean likelihood under other images
-      likelihood   no null at all (ln p_null = 0): the fields hold ln p(token | prefix, image), the decoder's
-                   own confidence, as a baseline for what the null adds."""
+      untempered   the gray null as shipped, both sides at temperature 1 (the raw softmax) instead of
+                   pmi.TEMPERATURE: what the temperature adds
+      likelihood   no null at all (ln p_null = 0), at temperature 1: the fields hold ln p(token | prefix,
+                   image), the decoder's own confidence, as a baseline for what the null adds."""
     items, _ = scene_items(seed, len(results))
     pixels, _, _ = load_pixels(lm, items)
     layers = [c.layer for c in results[0].layers]
     latents = lm.encode(pixels, layers).latents  # [L, n, N, D]
+    null = lm.encode(lm.null_pixels(), layers).latents[:, 0]  # [L, N, D]
     n, L = len(results), len(layers)
     rows, _ = layer_rows(latents, [r.id for r in results], layers)  # image-major [n*L, N, D]
     tokens = [c.tokens for r in results for c in r.layers]
-    own = lm.score(rows, None, tokens)
-    under = [lm.score(rows[torch.tensor([((i + k) % n) * L + j for i in range(n) for j in range(L)])], None, tokens)
-             for k in range(1, CONTRASTIVE_K + 1)]
-    out = {name: [r.model_copy(deep=True) for r in results] for name in ("contrastive", "likelihood")}
-    for i, (contrast, alone) in enumerate(zip(*([c for r in out[name] for c in r.layers] for name in out))):
+    own = lm.score(rows, None, tokens, pmi.TEMPERATURE)
+    raw = lm.score(rows, None, tokens)
+    raw_null = lm.score(null[torch.arange(n * L) % L], None, tokens)
+    under = [lm.score(rows[torch.tensor([((i + k) % n) * L + j for i in range(n) for j in range(L)])], None, tokens,
+                      pmi.TEMPERATURE) for k in range(1, CONTRASTIVE_K + 1)]
+    out = {name: [r.model_copy(deep=True) for r in results] for name in ("contrastive", "untempered", "likelihood")}
+    captions = zip(*([c for r in out[name] for c in r.layers] for name in out))
+    for i, (contrast, untempered, alone) in enumerate(captions):
         t = len(tokens[i])
-        null = torch.logsumexp(torch.stack([u[i][:t] for u in under]), 0) - torch.log(torch.tensor(CONTRASTIVE_K))
+        mean = torch.logsumexp(torch.stack([u[i][:t] for u in under]), 0) - torch.log(torch.tensor(CONTRASTIVE_K))
         texts = lm.token_texts(tokens[i])
-        grounding.pmi.annotate(contrast, own[i][:t].tolist(), null.tolist(), texts)
-        grounding.pmi.annotate(alone, own[i][:t].tolist(), [0.0] * t, texts)
+        grounding.pmi.annotate(contrast, own[i][:t].tolist(), mean.tolist(), texts)
+        grounding.pmi.annotate(untempered, raw[i][:t].tolist(), raw_null[i][:t].tolist(), texts)
+        grounding.pmi.annotate(alone, raw[i][:t].tolist(), [0.0] * t, texts)
     return out
 
 

@@ -63,9 +63,11 @@ class LayerCaption(BaseModel):
                           " region's caption: the same region's at that layer)"
     )
     # Likelihood grounding (services/decoder/pmi.py, shared/pmi.py; absent when grounding is off). Natural
-    # logs: ln p(token | prefix, this image) - ln p(token | prefix, gray null image), both at this layer.
+    # logs: ln p_T(token | prefix, this image) - ln p_T(token | prefix, gray null image), both at this layer,
+    # p_T the decoder's softmax at temperature shared.pmi.TEMPERATURE.
     pmi: list[float] | None = Field(None, description="per token of `tokens`: how much more likely the image made"
-                                                      " it than the null input (nats; > tau: supported)")
+                                                      " it than the null input (nats, at softmax temperature 4;"
+                                                      " > tau: supported)")
     word_pmi: list[float] | None = Field(
         None, description="per whitespace-separated word of `caption`: the mean of its tokens' pmi (null when"
                           " tokens and words do not match up)"

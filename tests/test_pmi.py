@@ -3,8 +3,11 @@ the PMI of its tokens, words and phrases against the gray null input."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from tiny_families import tiny_blip, tiny_llava
 
 from latent_verbalizer.services.decoder import grounding
 from latent_verbalizer.services.decoder.grounding import caption_grounded
@@ -42,7 +45,7 @@ def teacher_forced(lm, rows: torch.Tensor, decoded) -> list[torch.Tensor]:
     """The family's teacher-forced scoring (CoCa: TextDecoder.score over [start, tokens, end]) of each decoded
     caption -> per caption the log-probs of its tokens and end token (a caption that ended with the pad id 0
     has no other end)."""
-    return score(lm, rows, None, [d.tokens for d in decoded], batch_rows=7)  # batches of mixed lengths
+    return score(lm, rows, None, [d.tokens for d in decoded], pmi.TEMPERATURE, batch_rows=7)  # mixed lengths
 
 
 @pytest.mark.parametrize("params", STRATEGIES, ids=lambda p: p.strategy)
@@ -57,6 +60,31 @@ def test_teacher_forced_log_probs_equal_what_decoding_computed(model, params, re
         assert len(d.logprob) == len(d.entropy) == len(scored)
         assert torch.allclose(scored, torch.tensor(d.logprob), atol=1e-4, rtol=1e-4)
         assert all(lp <= 0 for lp in d.logprob)
+
+
+@pytest.mark.parametrize("family", ["tiny", "llava", "blip"])
+def test_every_family_gets_pmi_per_token_and_per_word(family, request, tmp_path_factory):
+    """PMI's image side is what decoding kept (its logprob, at pmi.TEMPERATURE), its null side the family's
+    teacher-forced score at the same temperature: the two agree for every family, and the temperature matters.
+    Every caption's tokens group into its words, whether the tokenizer ends a word with "</w>" (CLIP) or starts
+    one with a space (Llama, BERT)."""
+    lm = {"tiny": lambda: request.getfixturevalue("tiny"),
+          "llava": lambda: load_family(str(tiny_llava(tmp_path_factory.mktemp("llava")))),
+          "blip": lambda: load_family(str(tiny_blip(tmp_path_factory.mktemp("blip"))))}[family]()
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    pixels = torch.stack([lm.preprocess(im) for im in images]).to(lm.device, lm.dtype)
+    rows = lm.encode(pixels, [0, lm.num_layers - 1]).latents.flatten(0, 1)  # [4, N, D]
+    decoded = decode(lm, rows, DecodeParams(seq_len=10))
+    tokens = [d.tokens for d in decoded]
+    for d, tempered in zip(decoded, score(lm, rows, None, tokens, pmi.TEMPERATURE), strict=True):
+        assert torch.allclose(tempered[: len(d.logprob)], torch.tensor(d.logprob), atol=1e-4, rtol=1e-4)
+        runs = pmi.word_runs(lm.token_texts(d.tokens), d.text)
+        assert runs is not None and ["".join(lm.token_texts([d.tokens[p] for p in run])).strip() for run in runs] \
+            == pmi.caption_words(d.text)
+    raw = score(lm, rows, None, tokens)
+    assert any(not torch.allclose(torch.tensor(d.logprob), r[: len(d.logprob)], atol=1e-3)
+               for d, r in zip(decoded, raw))
 
 
 def test_score_reads_the_image_and_only_the_asked_positions(demo, demo_rows):
@@ -105,7 +133,7 @@ def test_grounded_captions_carry_pmi_against_the_gray_image_at_their_layer(model
             d = decoded[i * len(layers) + j]
             assert c.tokens == d.tokens and len(c.pmi) == len(c.tokens)
             ids = torch.tensor([[lm.start_id, *c.tokens]])
-            under_null = decoder.score(null[j : j + 1], ids)[0]
+            under_null = decoder.score(null[j : j + 1], ids, temperature=pmi.TEMPERATURE)[0]
             assert c.pmi == pytest.approx((torch.tensor(d.logprob[: len(c.tokens)]) - under_null).tolist(), abs=1e-4)
             assert c.image_pmi == pytest.approx(sum(c.pmi) / len(c.pmi))
             if i == 3:  # the null image's own captions: the image adds nothing to any token

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from latent_verbalizer.services.decoder.sampling import block_end_token, entropy_bits, repetition_penalty
+from latent_verbalizer.services.decoder.sampling import (
+    block_end_token,
+    entropy_bits,
+    repetition_penalty,
+    tempered_logprob,
+)
 from latent_verbalizer.services.families.base import Family
 from latent_verbalizer.shared.schemas import DecodeParams
 
@@ -38,7 +43,7 @@ def search(
     seqs = torch.full((B * K, S), family.pad_id, dtype=torch.long, device=device)
     seqs[:, 0] = family.start_id
     ents = torch.zeros(B * K, S - 1, device=device)
-    lps = torch.zeros(B * K, S - 1, device=device)  # log-probability of each beam's token at each step
+    lps = torch.zeros(B * K, S - 1, device=device)  # each beam's token's log-probability at PMI's temperature
     attended = torch.zeros(B * K, S - 1, N, device=device) if attention else None  # [b*K, S-1, N]
     step_attention = torch.zeros(B * K, N, device=device) if attention else None
     scores = torch.full((B, K), float("-inf"), device=device)
@@ -76,7 +81,8 @@ def search(
                     if rank < K or not stops and kept < K:
                         _add(finished[cap], K, s / cur_len ** params.length_penalty,
                              seqs[row, 1:cur_len].tolist() + ([] if t in family.end_ids else [t]),
-                             ents[row, : pos + 1].tolist(), lps[row, :pos].tolist() + [float(raw[row, t])],
+                             ents[row, : pos + 1].tolist(), lps[row, :pos].tolist()
+                             + tempered_logprob(logits[row : row + 1], torch.tensor([t], device=device)).tolist(),
                              None if attended is None else attended[row, : pos + 1].clone())
                         kept += not stops
                     continue
@@ -104,7 +110,7 @@ def search(
         seqs, ents, lps = seqs[rows], ents[rows], lps[rows]
         attended = None if attended is None else attended[rows]
         seqs[:, cur_len] = torch.tensor(next_tokens, device=device)
-        lps[:, pos] = raw[rows, seqs[:, cur_len]]
+        lps[:, pos] = tempered_logprob(logits[rows], seqs[:, cur_len])
         scores = torch.tensor(next_scores, device=device).view(b, K)
         stepper.keep(rows)
         if any(done):  # drop the rows of finished captions

@@ -190,12 +190,12 @@ class TextDecoder:
 
     @torch.inference_mode()
     def score(self, image_tokens: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor | None = None,
-              chunk: int = 1024) -> torch.Tensor:
+              chunk: int = 1024, temperature: float = 1.0) -> torch.Tensor:
         """Teacher forcing: image_tokens [B, N, D] (or [1, N, D]: one image read by every row, whose
         cross-attention keys and values are then projected once, not folded per row), ids [B, S] (start
         token, caption, end token, anything after) -> logp [B, S-1] float32, logp[b, t] = log p(ids[b, t+1]
-        | ids[b, :t+1], image) (natural log, the log-softmax of the raw logits, as `step` computes them one
-        position at a time). With
+        | ids[b, :t+1], image) (natural log, the log-softmax of the logits / `temperature`, as decoding computes
+        them from `step`'s logits one position at a time). With
         `lengths` [B], only positions t < lengths[b] are read out (the others hold 0): a row's tokens past
         its end cost the two stacks (causal: they cannot change earlier positions) but not the vocabulary.
         The vocabulary is read for `chunk` positions at a time ([chunk, V] float32 at once)."""
@@ -214,7 +214,7 @@ class TextDecoder:
         states, targets = x[read], ids[:, 1:][read]  # [P, D], [P]
         out = torch.empty(len(targets), device=ids.device)
         for start in range(0, len(targets), chunk):
-            logits = self.vocab(self.decoder.ln_final(states[start : start + chunk])).float()  # [c, V]
+            logits = self.vocab(self.decoder.ln_final(states[start : start + chunk])).float() / temperature  # [c, V]
             picked = logits.gather(1, targets[start : start + chunk, None])[:, 0]
             out[start : start + chunk] = picked - torch.logsumexp(logits, dim=-1)
         logp = torch.zeros(B, S - 1, device=ids.device)

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from latent_verbalizer.shared import pmi
 from latent_verbalizer.shared.schemas import DecodeParams
 
 _MASK32 = 0xFFFFFFFF
@@ -20,6 +21,13 @@ _MASK32 = 0xFFFFFFFF
 def entropy_bits(logp: torch.Tensor) -> torch.Tensor:
     """Entropy (bits) of a distribution per row, given as logp [B, V] = log_softmax(raw logits) float32 -> [B]."""
     return -(logp.exp() * logp).sum(-1) / math.log(2)
+
+
+def tempered_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] (raw), tokens [B] -> ln p_T(token) [B] under the softmax of logits / pmi.TEMPERATURE:
+    likelihood grounding's image side, as `Family.score(..., temperature=pmi.TEMPERATURE)` scores it."""
+    scaled = logits.float() / pmi.TEMPERATURE
+    return scaled.gather(1, tokens[:, None])[:, 0] - scaled.logsumexp(-1)
 
 
 def block_end_token(scores: torch.Tensor, cur_len: int, min_seq_len: int, end_ids: tuple[int, ...]) -> torch.Tensor:

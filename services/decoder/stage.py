@@ -14,14 +14,15 @@ give the same captions:
     which is also the BPE token "!"; a 0-terminated caption keeps that one "!").
 Per caption we keep the token ids (start slot and a final end token excluded), the entropy in bits of
 the full softmax of the model's raw logits at every generated step (end token included), and their
-mean, and the natural log of the probability that softmax gave the token chosen at each step
-(`logprob`, likelihood grounding's image side); with `embed_text`, also its contrastive text embedding
-(a family with the contrastive extra): greedy and sampled rows get it from their stepper, which keeps
-what it needs of a row when it leaves the batch (`Stepper.retire`), beam captions from
-`Family.text_embeddings` of their final tokens. With `attention`, also each generated step's attention
-over the image positions (the family's own averaging), for word -> patch attributions
-(services.decoder.attribution): greedy and sampled rows record it as they decode, beam search keeps it
-with each beam like the entropies. Without it the steps compute exactly what they compute otherwise.
+mean, and the natural log of the probability the softmax of the logits at PMI's temperature
+(shared.pmi.TEMPERATURE) gave the token chosen at each step (`logprob`, likelihood grounding's image
+side); with `embed_text`, also its contrastive text embedding (a family with the contrastive extra):
+greedy and sampled rows get it from their stepper, which keeps what it needs of a row when it leaves the
+batch (`Stepper.retire`), beam captions from `Family.text_embeddings` of their final tokens. With
+`attention`, also each generated step's attention over the image positions (the family's own
+averaging), for word -> patch attributions (services.decoder.attribution): greedy and sampled rows
+record it as they decode, beam search keeps it with each beam like the entropies. Without it the steps
+compute exactly what they compute otherwise.
 `score` gives teacher-forced log-probabilities of given captions (`Family.score`, batched).
 """
 
@@ -33,7 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from latent_verbalizer.services.decoder import beam
-from latent_verbalizer.services.decoder.sampling import block_end_token, choose, entropy_bits, repetition_penalty
+from latent_verbalizer.services.decoder.sampling import (
+    block_end_token,
+    choose,
+    entropy_bits,
+    repetition_penalty,
+    tempered_logprob,
+)
 from latent_verbalizer.services.families.base import Family
 from latent_verbalizer.shared.schemas import DecodeParams, LayerCaption
 
@@ -43,7 +50,7 @@ class Decoded:
     text: str
     tokens: list[int]
     entropy: list[float]
-    logprob: list[float]  # ln p(token | prefix, image) from the raw logits, indexed like entropy
+    logprob: list[float]  # ln p_T(token | prefix, image) at pmi.TEMPERATURE, indexed like entropy
     text_embedding: torch.Tensor | None = None  # [E] float32, not normalised (with `embed`)
     cross_attention: torch.Tensor | None = None  # [steps, N] float32, indexed like entropy (with `attention`)
 
@@ -94,18 +101,18 @@ def decode(
 
 
 def score(family: Family, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]],
-          batch_rows: int = 256) -> list[torch.Tensor]:
-    """Teacher-forced log-probabilities (`Family.score`) of each caption's tokens, then of its end token, under
-    rows [R, N, D] (caption r reads row r; mask [R, N] or None) or [1, N, D] (every caption reads that one
-    row) -> per caption a float32 tensor (see `Family.score` for its length). Captions are scored `batch_rows`
-    at a time, the shortest together."""
+          temperature: float = 1.0, batch_rows: int = 256) -> list[torch.Tensor]:
+    """Teacher-forced log-probabilities (`Family.score`, at `temperature`) of each caption's tokens, then of its
+    end token, under rows [R, N, D] (caption r reads row r; mask [R, N] or None) or [1, N, D] (every caption
+    reads that one row) -> per caption a float32 tensor (see `Family.score` for its length). Captions are
+    scored `batch_rows` at a time, the shortest together."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(tokens)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     for start in range(0, len(order), batch_rows):
         batch = order[start : start + batch_rows]
         pick = torch.tensor(batch)
         image = rows if rows.shape[0] == 1 else rows[pick]
-        scored = family.score(image, None if mask is None else mask[pick], [tokens[i] for i in batch])
+        scored = family.score(image, None if mask is None else mask[pick], [tokens[i] for i in batch], temperature)
         for i, logp in zip(batch, scored, strict=True):
             out[i] = logp.cpu()
     return out
@@ -206,7 +213,7 @@ def _decode_batch(
             scores = repetition_penalty(scores, seqs[alive, :cur_len], params.repetition_penalty)
             token = choose(scores, params, keys[alive], pos)
         seqs[alive, cur_len] = token
-        logprob[alive, pos] = logp.gather(1, token[:, None])[:, 0]
+        logprob[alive, pos] = tempered_logprob(logits, token)
         steps[alive] += 1
         done = torch.isin(token, stops)
         if done.any():

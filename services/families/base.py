@@ -203,8 +203,9 @@ class Family(ABC):
         called at the end (extra: contrastive)."""
 
     @abstractmethod
-    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
-        """Teacher-forced log-probabilities (natural log, float32, log_softmax of the raw logits): for each
+    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]],
+              temperature: float = 1.0) -> list[torch.Tensor]:
+        """Teacher-forced log-probabilities (natural log, float32, log_softmax of the logits / temperature): for each
         caption r, of tokens[r] then of the end token, given the prefix and row r's image input -> R tensors
         [len(tokens[r]) + 1] (CoCa: [len] for a caption that ended with its pad id 0, which has no end token
         after it). rows [R, N, D], or [1, N, D]: every caption reads that one row (the null image). One

@@ -165,9 +165,10 @@ class BlipFamily(Family):
                            self.prefix.to(self.device), len(self.prefix) + max_len)
 
     @torch.inference_mode()
-    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
-        """Teacher-forced log-probs (float32, natural log) of each row's tokens, then of the end token:
-        ONE decoder forward of [prefix, tokens] per batch, right-padded (causal: padding cannot reach earlier
+    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]],
+              temperature: float = 1.0) -> list[torch.Tensor]:
+        """Teacher-forced log-probs (float32, natural log, at `temperature`) of each row's tokens, then of the end
+        token: ONE decoder forward of [prefix, tokens] per batch, right-padded (causal: padding cannot reach earlier
         positions); the vocabulary projection then goes a few rows at a time (R x S x V floats can be GBs)."""
         R, P, longest = len(tokens), len(self.prefix), max(map(len, tokens), default=0)
         rows = rows.expand(R, -1, -1) if rows.shape[0] == 1 else rows  # [1, N, D]: every caption reads that row
@@ -180,7 +181,7 @@ class BlipFamily(Family):
         stepper = self.stepper(rows, mask, longest + 1)
         states = stepper.states(ids, 0)[:, P - 1 :]  # [R, longest + 1, D]: position P-1+k predicts token k
         chunk = max(1, SCORE_LOGITS // ((longest + 1) * self.model.config.text_config.vocab_size))
-        logp = torch.cat([_log_probs(stepper.head(states[i : i + chunk]).float(), targets[i : i + chunk])
+        logp = torch.cat([_log_probs(stepper.head(states[i : i + chunk]).float() / temperature, targets[i : i + chunk])
                           for i in range(0, R, chunk)]) if R else targets.float()
         return [logp[r, : len(t) + 1].cpu() for r, t in enumerate(tokens)]
 

@@ -105,7 +105,8 @@ class CocaFamily(Family):
             raise ValueError("CoCa reads a region through its pooler's keys (encode's key_mask), not a row mask")
         return CocaStepper(TextDecoder.of(self.model), rows, max_len, self.pad_id, text_embeddings)
 
-    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
+    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]],
+              temperature: float = 1.0) -> list[torch.Tensor]:
         """TextDecoder.score over [start, tokens..., end] per caption, padded with the pad id; rows [1, N, D]: one
         image for every caption, its cross-attention keys projected once. A caption that ended with the pad
         id 0 (open_clip's other end) has no end token after it: [len(tokens)]."""
@@ -116,7 +117,8 @@ class CocaFamily(Family):
         for r, seq in enumerate(seqs):
             ids[r, : len(seq)] = torch.tensor(seq)
         lengths = torch.tensor([len(seq) - 1 for seq in seqs])
-        logp = TextDecoder.of(self.model).score(rows.to(self.device, self.dtype), ids.to(self.device), lengths)
+        logp = TextDecoder.of(self.model).score(rows.to(self.device, self.dtype), ids.to(self.device), lengths,
+                                                temperature=temperature)
         return [logp[r, :n] for r, n in enumerate(lengths.tolist())]  # [R, S-1] -> per caption [len (+ 1)]
 
     def text_embeddings(self, tokens: list[list[int]], max_len: int) -> torch.Tensor:

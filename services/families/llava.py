@@ -153,10 +153,11 @@ class LlavaFamily(Family):
         return LlavaStepper(self, rows, mask, max_len)
 
     @torch.inference_mode()
-    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> list[torch.Tensor]:
-        """rows [R, N, D], tokens R lists -> per row the log-probabilities [len + 1] float32 of its tokens and then
-        of the end token, teacher-forced: one forward over prompt + tokens for all R rows (right-padded; the
-        causal mask keeps the padding out of every position that is read)."""
+    def score(self, rows: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]],
+              temperature: float = 1.0) -> list[torch.Tensor]:
+        """rows [R, N, D], tokens R lists -> per row the log-probabilities [len + 1] float32 (at `temperature`) of
+        its tokens and then of the end token, teacher-forced: one forward over prompt + tokens for all R rows
+        (right-padded; the causal mask keeps the padding out of every position that is read)."""
         R, T = len(tokens), max(map(len, tokens), default=0)
         rows = rows.expand(R, -1, -1) if rows.shape[0] == 1 else rows  # [1, N, D]: every caption reads that row
         ids = torch.full((R, T), self.end_id, dtype=torch.long)
@@ -166,7 +167,7 @@ class LlavaFamily(Family):
         embeds = torch.cat([self._prompt_embeddings(rows), self._embed(ids)], dim=1)  # [R, P + T, D]
         hidden = self._language_model(embeds, self._attention_mask(mask, R, T), start=0)[0]
         P = len(self.prompt_ids)
-        logp = torch.log_softmax(self.model.lm_head(hidden[:, P - 1 :]).float(), dim=-1)  # [R, T + 1, V]
+        logp = torch.log_softmax(self.model.lm_head(hidden[:, P - 1 :]).float() / temperature, dim=-1)  # [R, T + 1, V]
         out = []
         for r, t in enumerate(tokens):
             target = torch.tensor([*t, self.end_id], device=self.device)  # its tokens, then the end token

@@ -483,7 +483,7 @@ export class ResultsView {
 function wordTitle(layer, i) {
   const v = (layer.word_pmi || [])[i];
   return Number.isFinite(v) ? `PMI ${v.toFixed(2)}: the image made this word ${Math.exp(v) >= 100 ? "over 100" :
-    Math.exp(v).toFixed(1)} times as likely as a blank gray image did` : "";
+    Math.exp(v).toFixed(1)} times as likely as a blank gray image did (softmax temperature 4)` : "";
 }
 
 /** A caption whose words show their PMI on hover (a job without word maps). */
