@@ -16,7 +16,7 @@ from tiny_families import tiny_blip
 
 from latent_verbalizer.services.cli import main
 from latent_verbalizer.services.decoder.stage import decode, decode_layers
-from latent_verbalizer.services.families import FamilyError, blip, load_family
+from latent_verbalizer.services.families import FamilyError, base, blip, load_family
 from latent_verbalizer.shared.attributions import map_key, read_attributions
 from latent_verbalizer.shared.schemas import DecodeParams
 
@@ -164,7 +164,7 @@ def test_score_gives_the_log_probs_decoding_saw(family, pixels, monkeypatch):
             assert torch.allclose(got, torch.tensor(want), atol=1e-5)
         else:
             assert torch.allclose(got[:-1], torch.tensor(want), atol=1e-5)
-    monkeypatch.setattr(blip, "SCORE_LOGITS", 1)  # the vocabulary projection one row at a time: the same
+    monkeypatch.setattr(base, "SCORE_LOGITS", 1)  # the vocabulary projection one row at a time: the same
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(family.score(rows, None, tokens), scored))
     # Given tokens need not be the model's choice: scoring one row alone gives the same log-probs.
     other = [[7, 8, 9], []]

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from latent_verbalizer.services.encoder.regions import Placement
 
 EXTRAS = ("contrastive", "regions", "attributions")
+SCORE_LOGITS = 2**24  # teacher-forced scoring: at most this many float32 logits at a time (64 MB)
 GRAY = (128, 128, 128)  # the null input: a flat mid-gray image (grounding's prior, likelihood grounding's null)
 
 
@@ -236,3 +237,19 @@ def piece_texts(decode: Callable[[list[int]], str], decode_one: Callable[[list[i
         texts.append(upto[len(before):] if upto.startswith(before) else decode_one(ids[k : k + 1]))
         before = upto
     return texts
+
+
+def target_log_probs(head: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, targets: torch.Tensor,
+                     vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """states [R, S, D], targets [R, S] -> log_softmax(head(states) / temperature) at the targets [R, S] float32:
+    teacher-forced scoring's read-out (Family.score). The vocabulary projection `head` goes a few rows at a time,
+    at most SCORE_LOGITS logits at once (R x S x V floats can be GBs)."""
+    R, S = targets.shape
+    chunk = max(1, SCORE_LOGITS // max(1, S * vocab_size))
+    out = [targets.float()]  # R = 0: no rows to read
+    if R:
+        out = []
+        for i in range(0, R, chunk):
+            logits = head(states[i : i + chunk]).float() / temperature  # [c, S, V]
+            out.append(logits.gather(-1, targets[i : i + chunk, :, None])[..., 0] - logits.logsumexp(-1))
+    return torch.cat(out)

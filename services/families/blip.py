@@ -39,13 +39,19 @@ from torch import nn
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from latent_verbalizer.services.encoder.regions import Placement
-from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper, piece_texts
+from latent_verbalizer.services.families.base import (
+    Encoded,
+    Family,
+    FamilyError,
+    Geometry,
+    Stepper,
+    piece_texts,
+    target_log_probs,
+)
 from latent_verbalizer.services.families.naming import MISSING
 from latent_verbalizer.shared.models import DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
-
-SCORE_LOGITS = 2**24  # score's vocabulary projection: at most this many float32 logits at a time (64 MB)
 
 
 
@@ -180,9 +186,7 @@ class BlipFamily(Family):
             targets[r, len(t)] = self.end_id
         stepper = self.stepper(rows, mask, longest + 1)
         states = stepper.states(ids, 0)[:, P - 1 :]  # [R, longest + 1, D]: position P-1+k predicts token k
-        chunk = max(1, SCORE_LOGITS // ((longest + 1) * self.model.config.text_config.vocab_size))
-        logp = torch.cat([_log_probs(stepper.head(states[i : i + chunk]).float() / temperature, targets[i : i + chunk])
-                          for i in range(0, R, chunk)]) if R else targets.float()
+        logp = target_log_probs(stepper.head, states, targets, self.model.config.text_config.vocab_size, temperature)
         return [logp[r, : len(t) + 1].cpu() for r, t in enumerate(tokens)]
 
     def decode_text(self, ids: list[int]) -> str:
@@ -192,11 +196,6 @@ class BlipFamily(Family):
         """Each token's text as it appears in the decoded caption (they join to `decode_text`): a word's first
         piece with the space before it, a WordPiece continuation ('##s') without."""
         return piece_texts(self.decode_text, self.tokenizer.decode, ids)
-
-
-def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [b, S, V] float32, targets [b, S] -> log_softmax(logits) at the targets [b, S]."""
-    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -41,7 +41,15 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForConditionalGeneration
 
 from latent_verbalizer.services.encoder.regions import Placement
-from latent_verbalizer.services.families.base import Encoded, Family, FamilyError, Geometry, Stepper, piece_texts
+from latent_verbalizer.services.families.base import (
+    Encoded,
+    Family,
+    FamilyError,
+    Geometry,
+    Stepper,
+    piece_texts,
+    target_log_probs,
+)
 from latent_verbalizer.services.families.naming import MISSING
 from latent_verbalizer.shared.models import DTYPES, resolve_device
 from latent_verbalizer.shared.settings import get_settings
@@ -157,22 +165,21 @@ class LlavaFamily(Family):
               temperature: float = 1.0) -> list[torch.Tensor]:
         """rows [R, N, D], tokens R lists -> per row the log-probabilities [len + 1] float32 (at `temperature`) of
         its tokens and then of the end token, teacher-forced: one forward over prompt + tokens for all R rows
-        (right-padded; the causal mask keeps the padding out of every position that is read)."""
+        (right-padded; the causal mask keeps the padding out of every position that is read); the vocabulary
+        projection a few rows at a time (base.target_log_probs)."""
         R, T = len(tokens), max(map(len, tokens), default=0)
         rows = rows.expand(R, -1, -1) if rows.shape[0] == 1 else rows  # [1, N, D]: every caption reads that row
-        ids = torch.full((R, T), self.end_id, dtype=torch.long)
+        targets = torch.full((R, T + 1), self.end_id, dtype=torch.long)  # its tokens, then the end token
         for r, t in enumerate(tokens):
-            ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
-        ids = ids.to(self.device)
-        embeds = torch.cat([self._prompt_embeddings(rows), self._embed(ids)], dim=1)  # [R, P + T, D]
+            targets[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+        targets = targets.to(self.device)
+        embeds = torch.cat([self._prompt_embeddings(rows), self._embed(targets[:, :T])], dim=1)  # [R, P + T, D]
         hidden = self._language_model(embeds, self._attention_mask(mask, R, T), start=0)[0]
         P = len(self.prompt_ids)
-        logp = torch.log_softmax(self.model.lm_head(hidden[:, P - 1 :]).float() / temperature, dim=-1)  # [R, T + 1, V]
-        out = []
-        for r, t in enumerate(tokens):
-            target = torch.tensor([*t, self.end_id], device=self.device)  # its tokens, then the end token
-            out.append(logp[r, : len(t) + 1].gather(1, target[:, None])[:, 0].cpu())
-        return out
+        vocab = self.model.config.text_config.vocab_size
+        # [R, T + 1]: position P-1+k predicts token k
+        logp = target_log_probs(self.model.lm_head, hidden[:, P - 1 :], targets, vocab, temperature)
+        return [logp[r, : len(t) + 1].cpu() for r, t in enumerate(tokens)]
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
