@@ -75,6 +75,15 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def targets_met(figures: dict, at_least: dict[str, float], overhead_at_most: float = 0.15) -> dict[str, bool]:
+    """Per target, whether the figure reaches it: each `at_least` figure (None: not met), and `overhead` when
+    the figures have one."""
+    met = {k: figures[k] is not None and figures[k] >= t for k, t in at_least.items()}
+    if "overhead" in figures:
+        met["overhead"] = figures["overhead"] <= overhead_at_most
+    return met
+
+
 def report(figures: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(figures))

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import parse_scene_args, report, scene_parser  # noqa: E402
+from bench.common import parse_scene_args, report, scene_parser, targets_met  # noqa: E402
 from bench.grounding_overhead import measure, random_items  # noqa: E402
 from latent_verbalizer.services.decoder.grounding import RunEmbeddings, with_ranks  # noqa: E402
 from latent_verbalizer.services.demo.evaluate import layer_shares, scene_items  # noqa: E402
@@ -124,9 +124,7 @@ def main() -> int:
         figures["overhead_detail"] = measure(lm, random_items(8), args.overhead_repeats)
         figures["overhead"] = figures["overhead_detail"]["overhead"]
         figures["overhead_cold"] = figures["overhead_detail"]["overhead_cold"]
-    figures["targets_met"] = {k: figures[k] is not None and figures[k] >= t for k, t in TARGETS.items()}
-    if "overhead" in figures:
-        figures["targets_met"]["overhead"] = figures["overhead"] <= 0.15
+    figures["targets_met"] = targets_met(figures, TARGETS)
     if not args.json:
         print(f"{'layer':>5} {'score':>7} {'R@1':>6} {'prior':>6} {'CIDEr':>6} {'right':>6}")
         for r in layers:

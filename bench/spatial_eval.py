@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.attribution_bench import slowdown  # noqa: E402
-from bench.common import parse_scene_args, report, scene_parser  # noqa: E402
+from bench.common import parse_scene_args, report, scene_parser, targets_met  # noqa: E402
 from latent_verbalizer.services.demo.evaluate import scene_items  # noqa: E402
 from latent_verbalizer.services.demo.scoring import region_score  # noqa: E402
 from latent_verbalizer.services.demo.spatial import object_box, pointing_hits  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> int:
         detail = slowdown(repeats=args.slowdown_repeats, device=args.device)
         figures["attribution_slowdown"] = {k: detail[k]["slowdown"] for k in ("demo", "coca_ViT-B-32")}
         figures["attribution_slowdown_detail"] = detail
-    figures["targets_met"] = {k: figures[k] is not None and figures[k] >= t for k, t in TARGETS.items()}
+    figures["targets_met"] = targets_met(figures, TARGETS)
     if not args.json:
         print(f"{'layer':>5} {'region':>7} {'own':>6} {'other':>6} {'only':>6} {'pointing':>9} {'words':>6}")
         for r in layers:

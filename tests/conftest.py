@@ -7,11 +7,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: threads only add synchronisation (and thrash on a shared 2-core machine).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from typing import NamedTuple  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from latent_verbalizer.services.decoder import grounding  # noqa: E402
+from latent_verbalizer.services.encoder.stage import encode_grounded  # noqa: E402
 from latent_verbalizer.services.families import Family, load_family  # noqa: E402
+from latent_verbalizer.shared.schemas import DecodeParams  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -56,3 +61,26 @@ def photos(tmp_path) -> Path:
     for i in range(3):
         (d / f"p{i}.png").write_bytes(image_bytes(i))
     return d
+
+
+class GrayGrounded(NamedTuple):
+    images: torch.Tensor  # [4, 3, H, W]: three test images, then the gray null image
+    latents: torch.Tensor  # [L, 4, N, D]
+    embeddings: torch.Tensor  # [4, E]
+    grounded: grounding.Grounded  # every image's captions with their grounding
+
+
+@pytest.fixture()
+def gray_grounded(pixels):
+    """(family, layers, params) -> GrayGrounded: three test images and the gray null image (the last image IS the
+    null input) captioned at `layers` with grounding, as a fresh process does it (no null captions kept)."""
+
+    def run(lm: Family, layers: list[int], params: DecodeParams) -> GrayGrounded:
+        grounding.forget_null_captions(lm.model)
+        images = torch.cat([pixels[:3], lm.null_pixels()])
+        latents, embeddings = encode_grounded(lm.model.visual, images, layers)
+        g = grounding.caption_grounded(lm, latents, embeddings, latents[:, 3:], layers, ["a", "b", "c", "gray"],
+                                       params)
+        return GrayGrounded(images, latents, embeddings, g)
+
+    return run

@@ -114,14 +114,10 @@ def latents_all(tiny, pixels):
 
 
 @pytest.mark.parametrize("model", ["tiny", "trained_like"])
-def test_image_score_is_open_clip_cosine_and_gray_input_is_prior(model, pixels, request):
+def test_image_score_is_open_clip_cosine_and_gray_input_is_prior(model, request, gray_grounded):
     lm = request.getfixturevalue(model)
-    grounding.forget_null_captions(lm.model)
-    images = torch.cat([pixels[:3], lm.null_pixels()])  # the last image IS the null input
-    layers = [2, 0]
-    latents, embeddings = encode_grounded(lm.model.visual, images, layers)
-    params = DecodeParams(seq_len=10)
-    g = caption_grounded(lm, latents, embeddings, latents[:, 3:], layers, ["a", "b", "c", "gray"], params)
+    layers, params = [2, 0], DecodeParams(seq_len=10)
+    images, latents, embeddings, g = gray_grounded(lm, layers, params)
     image_latent = lm.model.encode_image(images)
     for i, per_image in enumerate(g.captions):
         text_latent = lm.model.encode_text(torch.stack([open_clip_ids(lm, c.tokens) for c in per_image]))

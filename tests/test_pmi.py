@@ -9,12 +9,10 @@ import torch
 from PIL import Image
 from tiny_families import tiny_blip, tiny_llava
 
-from latent_verbalizer.services.decoder import grounding
-from latent_verbalizer.services.decoder.grounding import caption_grounded
 from latent_verbalizer.services.decoder.model import TextDecoder
 from latent_verbalizer.services.decoder.stage import decode, score
 from latent_verbalizer.services.demo.evaluate import scene_items
-from latent_verbalizer.services.encoder.stage import check_layers, encode, encode_grounded, load_pixels
+from latent_verbalizer.services.encoder.stage import check_layers, encode, load_pixels
 from latent_verbalizer.services.families import load_family
 from latent_verbalizer.shared import pmi
 from latent_verbalizer.shared.schemas import DecodeParams
@@ -117,14 +115,10 @@ def test_score_refuses_more_positions_than_the_text_tower_has(tiny, pixels):
 
 
 @pytest.mark.parametrize("model", ["tiny", "trained_like"])
-def test_grounded_captions_carry_pmi_against_the_gray_image_at_their_layer(model, pixels, request):
+def test_grounded_captions_carry_pmi_against_the_gray_image_at_their_layer(model, request, gray_grounded):
     lm = request.getfixturevalue(model)
-    grounding.forget_null_captions(lm.model)
-    images = torch.cat([pixels[:3], lm.null_pixels()])  # the last image IS the null input
-    layers = [3, 0]
-    latents, embeddings = encode_grounded(lm.model.visual, images, layers)
-    params = DecodeParams(seq_len=10)
-    g = caption_grounded(lm, latents, embeddings, latents[:, 3:], layers, ["a", "b", "c", "gray"], params)
+    layers, params = [3, 0], DecodeParams(seq_len=10)
+    _, latents, _, g = gray_grounded(lm, layers, params)
     decoded = decode(lm, latents.transpose(0, 1).flatten(0, 1), params)  # image-major, as caption_grounded's
     null = latents[:, 3]  # [L, N, D]: the gray image's rows
     decoder = TextDecoder.of(lm.model)
